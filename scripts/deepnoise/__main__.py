@@ -1,0 +1,5 @@
+import sys
+
+from deepnoise.cli import main
+
+sys.exit(main())

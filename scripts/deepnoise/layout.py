@@ -1,0 +1,48 @@
+"""Plate layouts, shared by the Snakefile (at parse time) and the package. No torch here.
+
+The synthetic screen's experiments follow the RxRx1 naming (``HUVEC-01``) and every experiment has
+4 plates. ``synthetic_experiments(cfg)`` returns them from the ``synthetic`` config section alone, so
+the whole DAG is known before any image exists.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+PLATES = (1, 2, 3, 4)
+N_CHANNELS = 6
+N_GROUPS = 4
+# The used wells of RxRx1: the inner 14 x 22 of a 384-well plate (rows B..O, columns 2..23).
+ROWS = string.ascii_uppercase[1:15]
+COLUMNS = tuple(range(2, 24))
+INNER_WELLS = tuple(f"{r}{c:02d}" for r in ROWS for c in COLUMNS)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    experiment: str
+    cell_type: str
+    dataset: str  # "train" or "test"
+
+
+def synthetic_experiments(cfg: dict) -> list[Experiment]:
+    """Experiments of the synthetic screen: per cell type, train ones first, then test ones."""
+    out = []
+    for cell_type in cfg["cell_types"]:
+        n_train = int(cfg["train_experiments_per_cell_type"])
+        n_test = int(cfg["test_experiments_per_cell_type"])
+        for i in range(n_train + n_test):
+            dataset = "train" if i < n_train else "test"
+            out.append(Experiment(f"{cell_type}-{i + 1:02d}", cell_type, dataset))
+    return out
+
+
+def well_id(experiment: str, plate: int, well: str) -> str:
+    """The Kaggle ``id_code`` of a well."""
+    return f"{experiment}_{int(plate)}_{well}"
+
+
+def parse_well_id(wid: str) -> tuple[str, int, str]:
+    experiment, plate, well = wid.rsplit("_", 2)
+    return experiment, int(plate), well
