@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 PLATES = (1, 2, 3, 4)
 N_CHANNELS = 6
@@ -46,3 +47,35 @@ def well_id(experiment: str, plate: int, well: str) -> str:
 def parse_well_id(wid: str) -> tuple[str, int, str]:
     experiment, plate, well = wid.rsplit("_", 2)
     return experiment, int(plate), well
+
+
+def real_experiments(source: str, root: str) -> list[Experiment]:
+    """Experiments of an rxrx1 or Kaggle data folder, read from its metadata alone (no images)."""
+    import pandas as pd  # imported here: the Snakefile imports this module at parse time
+
+    from deepnoise.errors import InputError
+
+    root_path = Path(root)
+    if source == "rxrx1":
+        files = {"train/test": root_path / "metadata.csv"}
+    elif source == "kaggle":
+        files = {"train": root_path / "train.csv", "test": root_path / "test.csv"}
+    else:
+        raise InputError(f"data.source: unknown source {source!r} (synthetic, rxrx1 or kaggle)")
+    frames = []
+    for dataset, path in files.items():
+        if not path.exists():
+            raise InputError(f"data.root: {path} not found (needed for data.source={source})")
+        df = pd.read_csv(path, usecols=lambda c: c in {"experiment", "cell_type", "dataset"})
+        if "experiment" not in df.columns:
+            raise InputError(f"{path}: no 'experiment' column")
+        if "dataset" not in df.columns:
+            df["dataset"] = dataset
+        if "cell_type" not in df.columns:
+            df["cell_type"] = df["experiment"].str.split("-").str[0]
+        frames.append(df.drop_duplicates())
+    table = pd.concat(frames).drop_duplicates().sort_values(["cell_type", "dataset", "experiment"])
+    dup = table["experiment"][table["experiment"].duplicated()]
+    if len(dup):
+        raise InputError(f"{root}: experiment {dup.iloc[0]!r} is listed with two cell types or datasets")
+    return [Experiment(r.experiment, r.cell_type, r.dataset) for r in table.itertuples()]

@@ -1,0 +1,64 @@
+# One-command entry points. Each target creates the virtual environment when it is missing.
+PYTHON ?= python3.11
+VENV   ?= .venv
+CORES  ?= all
+CONFIG ?= config/config.yaml
+SMK     = snakemake --configfile $(CONFIG)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test test-fast lint format dryrun dag rulegraph report bench ablation clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (torch 2.14.1 wheels are for CPython 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[workflow,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+## demo: the whole method on the embedded synthetic screen, then the accuracy table
+demo: setup
+	$(SMK) --cores $(CORES)
+	@echo; echo "== results/summary.tsv =="; cat results/summary.tsv
+
+## test: the test suite (unit tests, real snakemake runs on tiny data, the loopback Slurm cluster)
+test: setup
+	pytest -ra
+
+## test-fast: unit tests only
+test-fast: setup
+	pytest -ra -m "not slow and not slurm"
+
+lint: setup
+	ruff check scripts tests benchmarks
+	ruff format --check scripts tests benchmarks
+	snakefmt --check workflow
+	$(SMK) --lint --cores 1
+
+format: setup
+	ruff format scripts tests benchmarks
+	ruff check --fix scripts tests benchmarks
+	snakefmt workflow
+
+## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz's dot)
+dryrun: setup
+	$(SMK) -n --cores 1
+dag: setup
+	mkdir -p dag
+	$(SMK) all --dag --cores 1 | dot -Tsvg > dag/jobs.svg
+	$(SMK) all --rulegraph --cores 1 | dot -Tsvg > dag/rules.svg
+	@echo "wrote dag/jobs.svg dag/rules.svg"
+rulegraph: dag
+
+## report: the Snakemake HTML report of a finished run
+report: setup
+	$(SMK) --report report.html --cores 1
+
+bench: setup
+	python benchmarks/bench_ingest.py
+	python benchmarks/bench_balance.py
+	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32
+
+clean:
+	rm -rf results logs resources .snakemake report.html dag

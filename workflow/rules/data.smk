@@ -1,0 +1,103 @@
+# Ingestion: synthetic screen (optional) -> site table -> plate stacks -> statistics.
+
+
+rule synthesize:
+    output:
+        images=directory("resources/synthetic/images"),
+        metadata="resources/synthetic/metadata.csv",
+        truth="resources/synthetic/test_truth.csv",
+    log:
+        "logs/synthesize.log",
+    conda:
+        CONDA_ENV
+    threads: threads_of("stack")
+    params:
+        cfg=json.dumps(config["synthetic"], sort_keys=True),
+    shell:
+        "python -m deepnoise synthesize --config-json {params.cfg:q}"
+        " --out-images {output.images} --out-metadata {output.metadata}"
+        " --out-truth {output.truth} --threads {threads} > {log} 2>&1"
+
+
+rule sites:
+    input:
+        unpack(sites_inputs),
+    output:
+        sites=SITES,
+        truth=TRUTH,
+        classes=CLASSES,
+    log:
+        "logs/sites.log",
+    conda:
+        CONDA_ENV
+    params:
+        source=SOURCE,
+        root=DATA_ROOT,
+    shell:
+        "python -m deepnoise sites --source {params.source} --root {params.root}"
+        " --out-sites {output.sites} --out-truth {output.truth}"
+        " --out-classes {output.classes} > {log} 2>&1"
+
+
+rule stack:
+    input:
+        sites=SITES,
+    output:
+        "results/stacks/{experiment}/Plate{plate}.h5",
+    log:
+        "logs/stacks/{experiment}_Plate{plate}.log",
+    conda:
+        CONDA_ENV
+    threads: threads_of("stack")
+    params:
+        compression=config["data"]["compression"],
+    shell:
+        "python -m deepnoise stack --sites {input.sites} --experiment {wildcards.experiment}"
+        " --plate {wildcards.plate} --compression {params.compression}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule plate_stats:
+    input:
+        "results/stacks/{experiment}/Plate{plate}.h5",
+    output:
+        "results/stats/plate/{experiment}/Plate{plate}.json",
+    log:
+        "logs/stats/{experiment}_Plate{plate}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise plate-stats --stack {input} --out {output} > {log} 2>&1"
+
+
+rule experiment_stats:
+    input:
+        lambda wc: [
+            f"results/stats/plate/{wc.experiment}/Plate{p}.json" for p in layout.PLATES
+        ],
+    output:
+        "results/stats/experiment/{experiment}.json",
+    log:
+        "logs/stats/{experiment}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise aggregate-stats --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule cell_type_stats:
+    input:
+        lambda wc: [
+            f"results/stats/plate/{e.experiment}/Plate{p}.json"
+            for e in EXPERIMENTS
+            if e.cell_type == wc.cell_type
+            for p in layout.PLATES
+        ],
+    output:
+        "results/stats/cell_type/{cell_type}.json",
+    log:
+        "logs/stats/{cell_type}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise aggregate-stats --inputs {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,88 @@
+# After prediction: ensemble of the models, per-plate balancing, pseudo labels for the next round,
+# metrics per round, the Kaggle submission and the summary across rounds.
+
+
+rule ensemble:
+    input:
+        lambda wc: [predictions(wc.round, m, wc.cell_type) for m in MODELS],
+    output:
+        "results/round{round}/ensemble/{cell_type}.npz",
+    log:
+        "logs/round{round}/ensemble/{cell_type}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise ensemble --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule balance:
+    input:
+        predictions="results/round{round}/ensemble/{cell_type}.npz",
+        sites=SITES,
+    output:
+        "results/round{round}/balanced/{cell_type}.npz",
+    log:
+        "logs/round{round}/balance/{cell_type}.log",
+    conda:
+        CONDA_ENV
+    params:
+        method=config["balance"]["method"],
+    shell:
+        "python -m deepnoise balance --predictions {input.predictions} --sites {input.sites}"
+        " --method {params.method} --out {output} > {log} 2>&1"
+
+
+rule pseudo_labels:
+    input:
+        lambda wc: [balanced(wc.round, ct) for ct in CELL_TYPES],
+    output:
+        "results/round{round}/pseudo_labels.csv",
+    log:
+        "logs/round{round}/pseudo_labels.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise pseudo-labels --inputs {input} --out {output} > {log} 2>&1"
+
+
+rule metrics:
+    input:
+        unpack(metrics_inputs),
+    output:
+        "results/round{round}/metrics.json",
+    log:
+        "logs/round{round}/metrics.log",
+    conda:
+        CONDA_ENV
+    params:
+        models=labelled_predictions,
+    shell:
+        "python -m deepnoise metrics --round {wildcards.round} --sites {input.sites}"
+        " --truth {input.truth} --models {params.models} --ensemble {input.ensemble}"
+        " --balanced {input.balanced} --out {output} > {log} 2>&1"
+
+
+rule submission:
+    input:
+        [balanced(LAST_ROUND, ct) for ct in CELL_TYPES],
+    output:
+        SUBMISSION,
+    log:
+        "logs/submission.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise submission --balanced {input} --out {output} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        [metrics(r) for r in ROUNDS],
+    output:
+        SUMMARY,
+    log:
+        "logs/summary.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise summary --metrics {input} --out {output} > {log} 2>&1"

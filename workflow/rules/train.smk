@@ -1,0 +1,85 @@
+# Training per round: the shared model on all cell types, fine-tuning per cell type, prediction.
+# Resumable checkpoints live in results/checkpoints/ (never a declared output, so Snakemake never
+# deletes them); a restarted job resumes from its last epoch.
+
+
+rule train:
+    input:
+        sites=SITES,
+        classes=CLASSES,
+        stacks=ALL_STACKS,
+        stats=ALL_STATS,
+        pseudo=previous_pseudo_labels,
+    output:
+        weights="results/round{round}/models/{model}/all/weights.pt",
+        log_csv="results/round{round}/models/{model}/all/log.csv",
+    log:
+        "logs/round{round}/train/{model}.log",
+    conda:
+        CONDA_ENV
+    threads: threads_of("train")
+    params:
+        hparams=lambda wc: train_hparams(wc.model),
+        val=" ".join(VAL_EXPERIMENTS),
+        pseudo=pseudo_flag,
+        checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
+    shell:
+        "python -m deepnoise train --scope all --hparams {params.hparams:q}"
+        " --sites {input.sites} --classes {input.classes}"
+        " --stacks {input.stacks} --stats {input.stats}"
+        " --val-experiments {params.val} {params.pseudo}"
+        " --checkpoint-dir {params.checkpoints} --threads {threads}"
+        " --out-weights {output.weights} --out-log {output.log_csv} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        init="results/round{round}/models/{model}/all/weights.pt",
+        sites=SITES,
+        classes=CLASSES,
+        stacks=ALL_STACKS,
+        stats=ALL_STATS,
+        pseudo=previous_pseudo_labels,
+    output:
+        weights="results/round{round}/models/{model}/{cell_type}/weights.pt",
+        log_csv="results/round{round}/models/{model}/{cell_type}/log.csv",
+    log:
+        "logs/round{round}/finetune/{model}_{cell_type}.log",
+    conda:
+        CONDA_ENV
+    threads: threads_of("train")
+    params:
+        hparams=lambda wc: finetune_hparams(wc.model),
+        val=" ".join(VAL_EXPERIMENTS),
+        pseudo=pseudo_flag,
+        checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
+    shell:
+        "python -m deepnoise train --scope {wildcards.cell_type} --hparams {params.hparams:q}"
+        " --init {input.init} --sites {input.sites} --classes {input.classes}"
+        " --stacks {input.stacks} --stats {input.stats}"
+        " --val-experiments {params.val} {params.pseudo}"
+        " --checkpoint-dir {params.checkpoints} --threads {threads}"
+        " --out-weights {output.weights} --out-log {output.log_csv} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        weights="results/round{round}/models/{model}/{cell_type}/weights.pt",
+        sites=SITES,
+        stacks=lambda wc: stacks_of(predicted_experiments(wc.cell_type)),
+        stats=ALL_STATS,
+    output:
+        "results/round{round}/predictions/{model}/{cell_type}.npz",
+    log:
+        "logs/round{round}/predict/{model}_{cell_type}.log",
+    conda:
+        CONDA_ENV
+    threads: threads_of("predict")
+    params:
+        experiments=lambda wc: " ".join(predicted_experiments(wc.cell_type)),
+        batch_size=int(config["predict"]["batch_size"]),
+    shell:
+        "python -m deepnoise predict --weights {input.weights} --sites {input.sites}"
+        " --stacks {input.stacks} --stats {input.stats} --cell-type {wildcards.cell_type}"
+        " --experiments {params.experiments} --batch-size {params.batch_size}"
+        " --threads {threads} --out {output} > {log} 2>&1"
