@@ -1,0 +1,100 @@
+"""The workflow end to end on a tiny synthetic screen, and targeted reruns read from real dry runs.
+
+One real run (module fixture, ~2 minutes on 2 cores) of tests/configs/tiny.yaml restricted to one
+cell type; every test then changes one config value in a copy of that finished run and reads the
+jobs that `snakemake -n` plans.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from workflow_utils import copy_run, load_tiny, plan, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+DATA_RULES = {"synthesize", "sites", "stack", "plate_stats", "experiment_stats", "cell_type_stats"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = load_tiny(cell_types=["HUVEC"])
+    configfile = write_config(workdir, cfg)
+    snakemake(workdir, "--cores", "2", "--configfile", str(configfile))
+    return workdir, cfg
+
+
+def changed(finished, tmp_path, **overrides):
+    workdir, cfg = finished
+    run = copy_run(workdir, tmp_path / "run")
+    new = load_tiny(cell_types=["HUVEC"], **overrides)
+    return plan(run, write_config(run, new))
+
+
+def test_run_outputs(finished):
+    workdir, cfg = finished
+    summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
+    assert set(summary["round"]) == {0, 1}
+    sub = pd.read_csv(workdir / "results/submission.csv")
+    assert list(sub.columns) == ["id_code", "sirna"]
+    truth = pd.read_csv(workdir / "results/test_truth.csv")
+    huvec = truth[truth["cell_type"] == "HUVEC"]
+    assert set(sub["id_code"]) == set(huvec["well_id"])
+    for r in (0, 1):
+        m = json.loads((workdir / f"results/round{r}/metrics.json").read_text())
+        assert m
+    for png in ("accuracy", "balancing", "plates", "composites", "training_round0"):
+        assert (workdir / f"results/plots/{png}.png").stat().st_size > 1000
+
+
+def test_nothing_to_do_after_a_run(finished, tmp_path):
+    assert changed(finished, tmp_path) == []
+
+
+def test_one_models_learning_rate_reruns_only_that_model_and_downstream(finished, tmp_path):
+    jobs = changed(finished, tmp_path, **{"models.r18.lr": 0.002})
+    rules = {j.rule for j in jobs}
+    assert not rules & DATA_RULES
+    round0 = [j for j in jobs if j.wc("round") == "0"]
+    # round 0: only r18's jobs and what consumes them (the ensemble onward)
+    assert {j.wc("model") for j in round0 if j.wc("model")} == {"r18"}
+    assert {"train", "finetune", "predict", "ensemble", "balance", "metrics"} <= {j.rule for j in round0}
+    # every rerun is caused by the changed params or by an upstream job, never by anything else
+    for j in jobs:
+        if j.rule == "train" and j.wc("round") == "0":
+            assert "params" in j.reason.lower(), j
+        else:
+            assert "updated by another job" in j.reason or "params" in j.reason.lower(), j
+
+
+def test_normalisation_reruns_training_not_ingestion(finished, tmp_path):
+    jobs = changed(finished, tmp_path, **{"train.normalization": "experiment"})
+    rules = {j.rule for j in jobs}
+    assert not rules & DATA_RULES
+    trains = {(j.wc("round"), j.wc("model")) for j in jobs if j.rule == "train"}
+    assert trains == {("0", "r10"), ("0", "r18"), ("1", "r10"), ("1", "r18")}
+
+
+def test_balancing_method_reruns_only_balancing_onward(finished, tmp_path):
+    jobs = changed(finished, tmp_path, **{"balance.method": "iterative"})
+    rules = {j.rule for j in jobs}
+    assert not rules & DATA_RULES
+    round0 = {j.rule for j in jobs if j.wc("round") == "0"}
+    assert "balance" in round0
+    assert not round0 & {"train", "finetune", "predict", "ensemble"}
+
+
+def test_adding_a_cell_type_adds_only_its_jobs(finished, tmp_path):
+    workdir, _ = finished
+    run = copy_run(workdir, tmp_path / "run")
+    jobs = plan(run, write_config(run, load_tiny(cell_types=["HUVEC", "RPE"])))
+    rules = {j.rule for j in jobs}
+    assert not rules & DATA_RULES
+    round0 = [j for j in jobs if j.wc("round") == "0"]
+    assert not [j for j in round0 if j.rule == "train"]
+    per_cell_type = [j for j in round0 if j.wc("cell_type")]
+    assert {j.wc("cell_type") for j in per_cell_type} == {"RPE"}
+    assert {j.rule for j in per_cell_type} == {"finetune", "predict", "ensemble", "balance"}
