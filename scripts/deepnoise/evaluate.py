@@ -1,0 +1,313 @@
+"""Scoring of predictions: metrics per round, the Kaggle submission and the summary over rounds.
+
+Truth: validation wells (``dataset == train`` in a predictions file) are scored against the labels
+of the site table; test wells against ``test_truth.csv`` when that file has rows (otherwise the
+test split is not scored). Accuracy is the fraction of wells whose argmax class is the true
+``sirna_id``. No torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from deepnoise.atomic import atomic_path, write_text
+from deepnoise.ensemble import Predictions, concat_predictions, load_predictions
+from deepnoise.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SITE_COLUMNS = ("well_id", "cell_type", "dataset", "experiment", "plate", "well", "well_type", "sirna_id")
+SPLITS = {"validation": "train", "test": "test"}
+SUMMARY_COLUMNS = ("round", "stage", "kind", "split", "cell_type", "n", "correct", "accuracy")
+
+_STR = {"well_id": str, "cell_type": str, "dataset": str, "experiment": str, "well": str, "well_type": str}
+
+
+def read_sites(path: str | os.PathLike) -> pd.DataFrame:
+    """The site table's columns needed for scoring and plate groups."""
+    try:
+        df = pd.read_csv(path, dtype={**_STR, "sirna": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"{path}: cannot read site table ({exc})") from exc
+    missing = [c for c in SITE_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: site table lacks columns {missing}")
+    try:
+        df["plate"] = df["plate"].astype(np.int64)
+        df["sirna_id"] = df["sirna_id"].astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: non-integer plate or sirna_id ({exc})") from exc
+    return df
+
+
+def _well_labels(df: pd.DataFrame, source: str) -> pd.Series:
+    """``well_id -> sirna_id`` from rows (one or more per well); conflicting labels are an error."""
+    pairs = df[["well_id", "sirna_id"]].drop_duplicates()
+    dup = pairs["well_id"].duplicated(keep=False)
+    if dup.any():
+        raise InputError(f"{source}: well {pairs.loc[dup, 'well_id'].iloc[0]} has conflicting sirna_id")
+    return pd.Series(pairs["sirna_id"].to_numpy(np.int64), index=pairs["well_id"].to_numpy(str))
+
+
+def truth_from_sites(sites: pd.DataFrame, source: str = "site table") -> pd.Series:
+    """Labels of the labelled treatment wells of a site table (train experiments)."""
+    t = sites[(sites["well_type"] == "treatment") & (sites["sirna_id"] >= 0)]
+    return _well_labels(t, source)
+
+
+def read_truth(path: str | os.PathLike | None) -> pd.Series:
+    """``well_id -> sirna_id`` of ``test_truth.csv``; empty when the file is absent, empty or header-only."""
+    if path is None or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return pd.Series(dtype=np.int64)
+    try:
+        df = pd.read_csv(path, dtype={"well_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"{path}: cannot read truth file ({exc})") from exc
+    if df.empty:
+        return pd.Series(dtype=np.int64)
+    missing = [c for c in ("well_id", "sirna_id") if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: truth file lacks columns {missing}")
+    return _well_labels(df, str(path))
+
+
+def _counts(correct: np.ndarray) -> dict:
+    n = int(len(correct))
+    c = int(np.sum(correct))
+    return {"n": n, "correct": c, "accuracy": (c / n) if n else None}
+
+
+def accuracy_table(pred: Predictions, truth: pd.Series, missing: str = "error") -> dict:
+    """Accuracy of ``pred``'s argmax against ``truth`` (``well_id -> sirna_id``).
+
+    ``missing='error'`` raises naming the first well without truth; ``'skip'`` scores only the wells
+    that have truth. Returns ``{"n", "correct", "accuracy"}`` (accuracy ``None`` when n is 0).
+    """
+    y, has = _lookup(pred.well_id, truth)
+    if missing == "error" and not has.all():
+        raise InputError(f"no truth for well {pred.well_id[~has][0]}")
+    return _counts(pred.labels()[has] == y[has])
+
+
+def compare_accuracy(before: Predictions, after: Predictions, truth: pd.Series) -> dict:
+    """Accuracy before and after balancing (on the wells that have truth)."""
+    return {
+        "before": accuracy_table(before, truth, missing="skip"),
+        "after": accuracy_table(after, truth, missing="skip"),
+    }
+
+
+def _lookup(well_ids: np.ndarray, truth: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    y = truth.reindex(well_ids)
+    has = y.notna().to_numpy()
+    return y.fillna(-1).to_numpy(np.int64), has
+
+
+def score_predictions(
+    pred: Predictions, sites_truth: pd.Series, test_truth: pd.Series, cell_type_of: dict[str, str]
+) -> dict:
+    """Per split (``validation``, ``test`` when it has truth): overall, per cell type and per plate."""
+    out: dict = {}
+    labels = pred.labels()
+    for split, dataset in SPLITS.items():
+        truth = sites_truth if split == "validation" else test_truth
+        rows = np.flatnonzero(pred.dataset == dataset)
+        if not len(rows) or truth.empty:
+            continue
+        y, has = _lookup(pred.well_id[rows], truth)
+        if not has.all():
+            where = "the site table" if split == "validation" else "the test truth"
+            raise InputError(f"{split} well {pred.well_id[rows][~has][0]} has no label in {where}")
+        ok = labels[rows] == y
+        exps = pred.experiment[rows]
+        cts = np.array([cell_type_of.get(e, e.split("-")[0]) for e in exps])
+        plates = pred.plate[rows]
+        table = pd.DataFrame({"cell_type": cts, "experiment": exps, "plate": plates, "ok": ok})
+        out[split] = {
+            "overall": _counts(ok),
+            "cell_types": {ct: _counts(g["ok"].to_numpy()) for ct, g in table.groupby("cell_type")},
+            "plates": [
+                {"experiment": e, "plate": int(p), "cell_type": g["cell_type"].iloc[0]}
+                | _counts(g["ok"].to_numpy())
+                for (e, p), g in table.groupby(["experiment", "plate"])
+            ],
+        }
+    return out
+
+
+def parse_named(items: Sequence[str]) -> dict[str, list[str]]:
+    """``NAME=PATH`` items -> ``{name: [paths]}`` in order of first appearance."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--models item {item!r} is not NAME=PATH")
+        out.setdefault(name, []).append(path)
+    return out
+
+
+def compute_metrics(
+    round_: int,
+    stages: Sequence[tuple[str, str, Sequence[str]]],
+    sites: pd.DataFrame,
+    test_truth: pd.Series,
+) -> dict:
+    """Metrics of each ``(stage, kind, files)``; the files of a stage are concatenated."""
+    sites_truth = truth_from_sites(sites)
+    cell_type_of = dict(zip(sites["experiment"], sites["cell_type"], strict=False))
+    result = {"round": int(round_), "test_scored": not test_truth.empty, "stages": []}
+    for stage, kind, files in stages:
+        pred = concat_predictions([load_predictions(f) for f in files])
+        dup = pd.Index(pred.well_id).duplicated()
+        if dup.any():
+            raise InputError(f"stage {stage}: well {pred.well_id[dup][0]} occurs in several files")
+        try:
+            splits = score_predictions(pred, sites_truth, test_truth, cell_type_of)
+        except InputError as exc:
+            raise InputError(f"stage {stage} ({', '.join(map(str, files))}): {exc}") from exc
+        result["stages"].append(
+            {"stage": stage, "kind": kind, "files": [str(f) for f in files], "n_wells": len(pred)}
+            | {"splits": splits}
+        )
+    return result
+
+
+def summary_rows(metrics: dict) -> list[dict]:
+    rows = []
+    for st in metrics["stages"]:
+        for split, s in st["splits"].items():
+            base = {"round": metrics["round"], "stage": st["stage"], "kind": st["kind"], "split": split}
+            rows.append(base | {"cell_type": "all"} | s["overall"])
+            for ct, c in s["cell_types"].items():
+                rows.append(base | {"cell_type": ct} | c)
+    return rows
+
+
+def summary_table(metrics_list: Sequence[dict]) -> pd.DataFrame:
+    rows = [r for m in metrics_list for r in summary_rows(m)]
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def format_summary(df: pd.DataFrame) -> str:
+    """Readable pivot: one row per (round, stage), one column per split / cell type."""
+    if df.empty:
+        return "(no scored predictions)"
+    wide = df.assign(col=df["split"] + "/" + df["cell_type"]).pivot_table(
+        index=["round", "stage"], columns="col", values="accuracy", sort=False
+    )
+    order = df.drop_duplicates(["round", "stage"])[["round", "stage"]]
+    wide = wide.reindex(pd.MultiIndex.from_frame(order))
+    return wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="-")
+
+
+def submission_table(pred: Predictions, sites: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Kaggle ``id_code,sirna`` for the test wells of ``pred`` (treatment wells), sorted by id_code."""
+    dup = pd.Index(pred.well_id).duplicated()
+    if dup.any():
+        raise InputError(f"well {pred.well_id[dup][0]} occurs in several prediction files")
+    test = pred.dataset == "test"
+    sub = pd.DataFrame({"id_code": pred.well_id[test], "sirna": pred.labels()[test].astype(np.int64)})
+    if sites is not None:
+        want = sites.loc[(sites["dataset"] == "test") & (sites["well_type"] == "treatment"), "well_id"]
+        lacking = np.setdiff1d(want.unique().astype(str), sub["id_code"].to_numpy(str))
+        if len(lacking):
+            raise InputError(f"test treatment well {lacking[0]} has no prediction ({len(lacking)} missing)")
+    return sub.sort_values("id_code").reset_index(drop=True)
+
+
+def _write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, **kwargs)
+
+
+def _run_metrics(args: argparse.Namespace) -> int:
+    stages: list[tuple[str, str, list[str]]] = [
+        (name, "model", files) for name, files in parse_named(args.models or []).items()
+    ]
+    if args.ensemble:
+        stages.append(("ensemble", "ensemble", args.ensemble))
+    if args.balanced:
+        stages.append(("balanced", "balanced", args.balanced))
+    if not stages:
+        raise InputError("metrics: give --models, --ensemble and/or --balanced")
+    sites = read_sites(args.sites)
+    truth = read_truth(args.truth)
+    metrics = compute_metrics(args.round, stages, sites, truth)
+    write_text(args.out, json.dumps(metrics, indent=1) + "\n")
+    print(format_summary(summary_table([metrics])))
+    return 0
+
+
+def _run_submission(args: argparse.Namespace) -> int:
+    pred = concat_predictions([load_predictions(f) for f in args.balanced])
+    sites = read_sites(args.sites) if args.sites else None
+    sub = submission_table(pred, sites)
+    _write_csv(sub, args.out)
+    log.info("submission: %d test wells -> %s", len(sub), args.out)
+    return 0
+
+
+def load_metrics(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as fh:
+            m = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read metrics JSON ({exc})") from exc
+    if "round" not in m or "stages" not in m:
+        raise InputError(f"{path}: not a metrics file (needs keys round, stages)")
+    return m
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    df = summary_table([load_metrics(p) for p in args.metrics])
+    _write_csv(df, args.out, sep="\t", float_format="%.6f")
+    print(format_summary(df))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "metrics",
+        help="accuracy of models, ensemble and balanced ensemble of one round",
+        description="Accuracy per stage, split (validation / test), cell type and plate -> JSON.",
+    )
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--sites", required=True, help="site table (validation labels)")
+    p.add_argument("--truth", help="test_truth.csv (test split scored only when it has rows)")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="NAME=NPZ",
+        help="model predictions; repeat a NAME for its files of several cell types",
+    )
+    p.add_argument("--ensemble", nargs="*", default=[], metavar="NPZ", help="ensemble npz per cell type")
+    p.add_argument("--balanced", nargs="*", default=[], metavar="NPZ", help="balanced npz per cell type")
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.set_defaults(func=_run_metrics)
+
+    p = subparsers.add_parser(
+        "submission",
+        help="Kaggle submission (id_code,sirna) from balanced predictions",
+        description="id_code,sirna for every test treatment well, sirna = predicted sirna_id.",
+    )
+    p.add_argument("--balanced", nargs="+", required=True, metavar="NPZ", help="balanced npz files")
+    p.add_argument("--sites", help="site table: check that every test treatment well is predicted")
+    p.add_argument("--out", required=True, help="submission CSV")
+    p.set_defaults(func=_run_submission)
+
+    p = subparsers.add_parser(
+        "summary",
+        help="table of the metrics of all rounds",
+        description="round, stage, kind, split, cell_type, n, correct, accuracy -> TSV (and stdout).",
+    )
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files (one per round)")
+    p.add_argument("--out", required=True, help="summary TSV")
+    p.set_defaults(func=_run_summary)
