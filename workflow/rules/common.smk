@@ -182,11 +182,9 @@ def metrics_inputs(wildcards):
 
 
 def labelled_predictions(wildcards):
-    """`model:cell_type:path` triples, so the metrics know which file is which."""
+    """`model=path` pairs (one per cell type), so the metrics know which file is which model."""
     r = wildcards.round
-    return " ".join(
-        f"{m}:{ct}:{predictions(r, m, ct)}" for m in MODELS for ct in CELL_TYPES
-    )
+    return " ".join(f"{m}={predictions(r, m, ct)}" for m in MODELS for ct in CELL_TYPES)
 
 
 def report_outputs():

@@ -64,7 +64,8 @@ rule metrics:
 
 rule submission:
     input:
-        [balanced(LAST_ROUND, ct) for ct in CELL_TYPES],
+        balanced=[balanced(LAST_ROUND, ct) for ct in CELL_TYPES],
+        sites=SITES,
     output:
         SUBMISSION,
     log:
@@ -72,14 +73,15 @@ rule submission:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise submission --balanced {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise submission --balanced {input.balanced} --sites {input.sites}"
+        " --out {output} > {log} 2>&1"
 
 
 rule summary:
     input:
         [metrics(r) for r in ROUNDS],
     output:
-        SUMMARY,
+        report(SUMMARY, caption="../report/summary.rst", category="Accuracy"),
     log:
         "logs/summary.log",
     conda:

@@ -22,39 +22,42 @@ rule plot_training:
         "python -m deepnoise plot-training --logs {input} --out {output} > {log} 2>&1"
 
 
-rule plot_summary:
+rule plot_accuracy:
     input:
-        summary=SUMMARY,
-        metrics=[metrics(r) for r in ROUNDS],
+        SUMMARY,
     output:
-        accuracy=report(
-            "results/plots/accuracy.png",
-            caption="../report/accuracy.rst",
+        report(
+            "results/plots/{kind}.png",
+            caption="../report/{kind}.rst",
             category="Accuracy",
         ),
-        balancing=report(
-            "results/plots/balancing.png",
-            caption="../report/balancing.rst",
-            category="Accuracy",
-        ),
-        plates=report(
+    log:
+        "logs/plots/{kind}.log",
+    wildcard_constraints:
+        kind="accuracy|balancing",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise plot-summary --kind {wildcards.kind} --summary {input}"
+        " --out {output} > {log} 2>&1"
+
+
+rule plot_plates:
+    input:
+        metrics(LAST_ROUND),
+    output:
+        report(
             "results/plots/plates.png",
             caption="../report/plates.rst",
             category="Accuracy",
         ),
-        table=report(
-            "results/plots/summary.html",
-            caption="../report/summary.rst",
-            category="Accuracy",
-        ),
     log:
-        "logs/plots/summary.log",
+        "logs/plots/plates.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise plot-summary --summary {input.summary} --metrics {input.metrics}"
-        " --out-accuracy {output.accuracy} --out-balancing {output.balancing}"
-        " --out-plates {output.plates} --out-table {output.table} > {log} 2>&1"
+        "python -m deepnoise plot-summary --kind plates --metrics {input} --stage balanced"
+        " --out {output} > {log} 2>&1"
 
 
 rule plot_composites:
