@@ -1,0 +1,291 @@
+"""Datasets over the HDF5 plate stacks, normalisation tables and deterministic samplers.
+
+Images leave the loader as uint8 ``(6, H, W)`` (training, one site) or ``(2, 6, H, W)`` (prediction,
+both sites) together with the index of their plate in the normalisation table; the float conversion
+and ``(x - mean) / std`` happen on the device (``normalize_batch``). Randomness that decides *what*
+is loaded (well order, site) lives in the samplers, which are pure functions of ``(seed, stream,
+epoch)``: a resumed run replays the same batches, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from deepnoise.errors import InputError
+
+SITE_COLUMNS = (
+    "site_id well_id cell_type dataset experiment plate well site well_type sirna sirna_id path".split()
+)
+WELL_TYPES = ("treatment", "positive_control", "negative_control")
+
+
+def read_sites(path: str | os.PathLike) -> pd.DataFrame:
+    """The site table, with the contract's columns checked."""
+    try:
+        df = pd.read_csv(path, dtype={"well": str, "experiment": str, "cell_type": str, "sirna": str})
+    except (OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: cannot read site table: {exc}") from exc
+    missing = [c for c in SITE_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: site table lacks columns {missing}")
+    df["plate"] = df["plate"].astype(int)
+    df["site"] = df["site"].astype(int)
+    df["sirna_id"] = df["sirna_id"].astype(int)
+    return df
+
+
+def read_classes(path: str | os.PathLike) -> dict:
+    try:
+        classes = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read classes: {exc}") from exc
+    for key in ("n_treatments", "n_controls"):
+        if not isinstance(classes.get(key), int):
+            raise InputError(f"{path}: key {key!r} missing or not an int")
+    return classes
+
+
+def read_pseudo_labels(path: str | os.PathLike) -> dict[str, int]:
+    """``well_id -> sirna_id`` from a pseudo-label CSV (``well_id, ..., sirna_id``)."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: cannot read pseudo labels: {exc}") from exc
+    for col in ("well_id", "sirna_id"):
+        if col not in df.columns:
+            raise InputError(f"{path}: pseudo labels lack column {col!r}")
+    return dict(zip(df["well_id"].astype(str), df["sirna_id"].astype(int), strict=True))
+
+
+def _strs(ds) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
+
+
+@dataclass
+class StackIndex:
+    """Where each site lives: ``files[i]`` is the stack of plate ``keys[i] = (experiment, plate)``."""
+
+    files: list[str]
+    keys: list[tuple[str, int]]
+    rows: list[dict[tuple[str, int], int]]  # per file: (well, site) -> row
+    image_size: int
+
+    @classmethod
+    def build(cls, stack_files: Sequence[str | os.PathLike]) -> StackIndex:
+        files, keys, rows, sizes = [], [], [], set()
+        for path in stack_files:
+            path = str(path)
+            try:
+                with h5py.File(path, "r") as f:
+                    key = (str(f.attrs["experiment"]), int(f.attrs["plate"]))
+                    wells, sites = _strs(f["well"]), f["site"][()].astype(int)
+                    shape = f["images"].shape
+            except (OSError, KeyError) as exc:
+                raise InputError(f"{path}: not a plate stack ({exc})") from exc
+            if key in keys:
+                raise InputError(f"{path}: plate {key} also in {files[keys.index(key)]}")
+            if len(shape) != 4 or shape[1] != 6 or shape[0] != len(wells):
+                raise InputError(f"{path}: images shape {shape} does not match {len(wells)} sites x 6")
+            sizes.add((shape[2], shape[3]))
+            files.append(path)
+            keys.append(key)
+            rows.append({(w, int(s)): i for i, (w, s) in enumerate(zip(wells, sites, strict=True))})
+        if len(sizes) > 1:
+            raise InputError(f"stacks have different image sizes: {sorted(sizes)}")
+        size = sizes.pop() if sizes else (0, 0)
+        if size[0] != size[1]:
+            raise InputError(f"stacks: images must be square, got {size}")
+        return cls(files, keys, rows, int(size[0]))
+
+    def locate(self, wells: pd.DataFrame) -> pd.DataFrame:
+        """Add ``file_idx, row1, row2`` (rows of sites 1 and 2) to a per-well frame."""
+        lookup = {k: i for i, k in enumerate(self.keys)}
+        file_idx, row1, row2 = [], [], []
+        for exp, plate, well in zip(wells["experiment"], wells["plate"], wells["well"], strict=True):
+            i = lookup.get((exp, int(plate)))
+            if i is None:
+                raise InputError(f"no stack given for experiment {exp} plate {plate} (well {well})")
+            r = [self.rows[i].get((well, s)) for s in (1, 2)]
+            if r[0] is None or r[1] is None:
+                raise InputError(f"{self.files[i]}: well {well} lacks site {1 if r[0] is None else 2}")
+            file_idx.append(i)
+            row1.append(r[0])
+            row2.append(r[1])
+        out = wells.copy()
+        out["file_idx"], out["row1"], out["row2"] = file_idx, row1, row2
+        return out
+
+
+def well_table(sites: pd.DataFrame) -> pd.DataFrame:
+    """One row per well of a site table (the first site's metadata), in table order."""
+    cols = ["well_id", "cell_type", "dataset", "experiment", "plate", "well", "well_type", "sirna_id"]
+    return sites.drop_duplicates("well_id")[cols].reset_index(drop=True)
+
+
+def normalization_arrays(
+    stats_files: Sequence[str | os.PathLike], mode: str, keys: Sequence[tuple[str, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per stack ``keys[i]``: mean and std ``(n, 6)`` float32 from ``stats.normalization_table``."""
+    from deepnoise.stats import normalization_table
+
+    table = normalization_table([str(f) for f in stats_files], mode)
+    mean, std = np.zeros((len(keys), 6), np.float32), np.ones((len(keys), 6), np.float32)
+    for i, key in enumerate(keys):
+        if key not in table:
+            raise InputError(f"stats: no {mode} normalisation for experiment {key[0]} plate {key[1]}")
+        mean[i], std[i] = np.asarray(table[key][0]), np.asarray(table[key][1])
+    if np.any(std <= 0):
+        raise InputError(f"stats: non-positive std in {mode} normalisation")
+    return mean, std
+
+
+def normalize_batch(
+    x: torch.Tensor,
+    norm_idx: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    jitter: float = 0.0,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(x - mean[plate]) / std[plate]`` on the device, for ``(B, 6, H, W)`` or ``(B, S, 6, H, W)``.
+
+    With ``jitter > 0`` (training) mean and std of each sample are scaled by independent factors
+    ``1 + jitter * N(0, 1)`` per channel (mean shift relative to the std).
+    """
+    m, s = mean[norm_idx], std[norm_idx]  # (B, 6)
+    if jitter > 0:
+        noise = torch.randn((2,) + m.shape, generator=gen, device=m.device, dtype=m.dtype)
+        m = m + jitter * s * noise[0]
+        s = s * (1.0 + jitter * noise[1]).clamp_min(0.5)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 4) + (6, 1, 1)
+    return (x.float() - m.view(shape)) / s.view(shape)
+
+
+class StackDataset(Dataset):
+    """Wells of plate stacks. HDF5 files are opened lazily, once per process (loader worker).
+
+    ``dataset[(i, site)]`` -> ``(uint8 (6, H, W), norm_idx, label, i)`` for one site (training);
+    ``dataset[i]`` -> ``(uint8 (2, 6, H, W), norm_idx, label, i)`` with both sites (prediction).
+    """
+
+    def __init__(self, files: Sequence[str], wells: pd.DataFrame, labels: Sequence[int] | None = None):
+        self.files = list(files)
+        self.file_idx = wells["file_idx"].to_numpy(np.int64)
+        self.rows = wells[["row1", "row2"]].to_numpy(np.int64)
+        self.labels = np.full(len(wells), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        self._handles: dict[int, h5py.Dataset] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.file_idx)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
+    def _images(self, f: int) -> h5py.Dataset:
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if f not in self._handles:
+            self._handles[f] = h5py.File(self.files[f], "r")["images"]
+        return self._handles[f]
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple | list):
+            i, site = int(item[0]), int(item[1])
+            img = self._images(self.file_idx[i])[self.rows[i, site]]
+        else:
+            i = int(item)
+            ds = self._images(self.file_idx[i])
+            img = np.stack([ds[self.rows[i, 0]], ds[self.rows[i, 1]]])
+        return torch.from_numpy(np.ascontiguousarray(img)), int(self.file_idx[i]), int(self.labels[i]), i
+
+
+def _generator(seed: int, stream: int, epoch: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + int(stream) * 7_919 + int(epoch)) % (2**63))
+    return g
+
+
+class EpochSampler(Sampler):
+    """Deterministic per-epoch sampler, DDP-aware (replaces ``DistributedSampler``).
+
+    The global order of epoch ``e`` is a function of ``(seed, stream, e)``: concatenated random
+    permutations of ``n`` items, ``total`` long (default ``n``, rounded up to a multiple of
+    ``world``); rank ``r`` takes items ``r, r + world, ...``. With ``random_site`` it yields
+    ``(index, site_row)`` pairs with a random site (0 or 1) per item, else plain indices in order
+    (``shuffle=False``) or shuffled.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        stream: int = 0,
+        shuffle: bool = True,
+        random_site: bool = True,
+        total: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.n, self.seed, self.stream = n, seed, stream
+        self.shuffle, self.random_site = shuffle, random_site
+        self.rank, self.world = rank, world
+        total = n if total is None else total
+        self.total = -(-total // world) * world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _generator(self.seed, self.stream, self.epoch)
+        reps = -(-self.total // max(self.n, 1))
+        if self.shuffle:
+            idx = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])
+        else:
+            idx = torch.arange(self.n).repeat(reps)
+        sites = torch.randint(0, 2, (len(idx),), generator=g)
+        return idx[: self.total], sites[: self.total]
+
+    def __iter__(self) -> Iterator:
+        idx, sites = self.order()
+        idx, sites = idx[self.rank :: self.world].tolist(), sites[self.rank :: self.world].tolist()
+        if self.random_site:
+            return iter(list(zip(idx, sites, strict=True)))
+        return iter(idx)
+
+
+def make_loader(
+    dataset: StackDataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+) -> DataLoader:
+    """A DataLoader with persistent workers (when ``num_workers > 0``)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

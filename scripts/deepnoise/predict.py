@@ -1,0 +1,127 @@
+"""``deepnoise predict``: teacher probabilities per well, averaged over both sites and 8 dihedral views.
+
+Predicted wells: the treatment wells of ``--experiments`` (of ``--cell-type``) in the site table.
+The model and its normalisation mode come from the weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import torch
+
+from deepnoise import data, models
+from deepnoise.atomic import atomic_path
+from deepnoise.errors import InputError
+from deepnoise.train import load_weights, predict_probs, setup_runtime
+
+log = logging.getLogger(__name__)
+
+
+def run_predict(
+    *,
+    weights: str,
+    sites: str,
+    stacks: list[str],
+    stats: list[str],
+    cell_type: str,
+    experiments: list[str],
+    out: str,
+    batch_size: int = 16,
+    threads: int | None = None,
+    device: str = "auto",
+    num_workers: int = 2,
+    tta: bool = True,
+) -> None:
+    rt = setup_runtime(device, threads)
+    if rt.world > 1 and rt.rank != 0:
+        return
+    state = load_weights(weights)
+    mc = state["model_config"]
+    net = models.build_model(mc)
+    net.load_state_dict(state["teacher"])
+    net.to(rt.device)
+    channels_last = bool(state.get("hparams", {}).get("channels_last", True))
+    amp = bool(state.get("hparams", {}).get("amp", True))
+    if channels_last and rt.cuda:
+        net = net.to(memory_format=torch.channels_last)
+
+    wells = data.well_table(data.read_sites(sites))
+    missing = sorted(set(experiments) - set(wells["experiment"]))
+    if missing:
+        raise InputError(f"{sites}: no experiment(s) {missing}")
+    wrong = wells[wells["experiment"].isin(experiments) & (wells["cell_type"] != cell_type)]
+    if len(wrong):
+        raise InputError(f"experiment {wrong['experiment'].iloc[0]} is not of cell type {cell_type}")
+    wells = wells[
+        wells["experiment"].isin(experiments)
+        & (wells["cell_type"] == cell_type)
+        & (wells["well_type"] == "treatment")
+    ].reset_index(drop=True)
+    index = data.StackIndex.build(stacks)
+    wells = index.locate(wells)
+    mean, std = data.normalization_arrays(stats, mc["normalization"], index.keys)
+    ds = data.StackDataset(index.files, wells)
+    sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
+    loader = data.make_loader(ds, sampler, batch_size, num_workers, rt.cuda, drop_last=False)
+    n_t = int(mc["n_treatments"])
+    probs, order = predict_probs(
+        net,
+        loader,
+        torch.as_tensor(mean, device=rt.device),
+        torch.as_tensor(std, device=rt.device),
+        rt,
+        int(mc["input_size"]),
+        n_t,
+        tta=tta,
+        amp=amp,
+        channels_last=channels_last,
+    )
+    if not np.array_equal(order, np.arange(len(wells))):
+        raise RuntimeError("prediction order does not match the well table")
+    with atomic_path(out) as tmp:
+        np.savez(
+            tmp,
+            well_id=wells["well_id"].to_numpy(str),
+            experiment=wells["experiment"].to_numpy(str),
+            plate=wells["plate"].astype(str).to_numpy(str),
+            well=wells["well"].to_numpy(str),
+            dataset=wells["dataset"].to_numpy(str),
+            probs=probs.astype(np.float32),
+        )
+    log.info("predicted %d wells of %s -> %s", len(wells), cell_type, out)
+
+
+def _main(args: argparse.Namespace) -> int:
+    run_predict(
+        weights=args.weights,
+        sites=args.sites,
+        stacks=args.stacks,
+        stats=args.stats,
+        cell_type=args.cell_type,
+        experiments=args.experiments,
+        out=args.out,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        device=args.device,
+        num_workers=args.num_workers,
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="TTA teacher probabilities per well", description=__doc__)
+    p.add_argument("--weights", required=True, help="weights.pt of deepnoise train")
+    p.add_argument("--sites", required=True, help="site table CSV")
+    p.add_argument("--stacks", nargs="+", required=True, help="HDF5 plate stacks")
+    p.add_argument("--stats", nargs="+", required=True, help="statistics JSON files")
+    p.add_argument("--cell-type", required=True)
+    p.add_argument("--experiments", nargs="+", required=True, help="experiments to predict")
+    p.add_argument("--out", required=True, help="output npz")
+    p.add_argument("--batch-size", type=int, default=16, help="wells per batch (x2 sites x8 views)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-workers", type=int, default=2, help="loader worker processes")
+    p.set_defaults(func=_main)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+import train_fixtures as tf
+
+from deepnoise import cli, data, models, train
+from deepnoise.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tf.ensure_stats()
+    root = tmp_path_factory.mktemp("pred")
+    screen = tf.make_screen(root, image_size=16, wells_per_treatment=2)
+    tf.train_tiny(screen, root, {"epochs": 1})
+    return screen, root / "weights.pt"
+
+
+def _args(screen, weights, out, experiments=("HUVEC-02", "HUVEC-03"), cell_type="HUVEC"):
+    return [
+        "predict",
+        "--weights", str(weights),
+        "--sites", str(screen.sites),
+        "--stacks", *map(str, screen.stacks),
+        "--stats", *map(str, screen.stats),
+        "--cell-type", cell_type,
+        "--experiments", *experiments,
+        "--out", str(out),
+        "--batch-size", "5",
+        "--threads", "1",
+        "--num-workers", "0",
+        "--device", "cpu",
+    ]  # fmt: skip
+
+
+def test_predict_npz_format_and_tta(trained, tmp_path):
+    screen, weights = trained
+    out = tmp_path / "p.npz"
+    assert cli.main(_args(screen, weights, out)) == 0
+    z = np.load(out)
+    assert set(z.files) == {"well_id", "experiment", "plate", "well", "dataset", "probs"}
+    n = len(z["well_id"])
+    expect = [
+        w for w, c in screen.truth.items() if w[:8] in ("HUVEC-02", "HUVEC-03") and c < screen.n_treatments
+    ]
+    assert sorted(z["well_id"].tolist()) == sorted(expect)
+    assert z["probs"].shape == (n, screen.n_treatments) and z["probs"].dtype == np.float32
+    np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
+    assert set(z["dataset"].tolist()) == {"train", "test"} and z["plate"].dtype.kind == "U"
+    # reference: teacher softmax over treatment logits, mean of 2 sites x 8 dihedral views
+    state = torch.load(weights, weights_only=True)
+    net = models.build_model(state["model_config"]).eval()
+    net.load_state_dict(state["teacher"])
+    index = data.StackIndex.build(screen.stacks)
+    wells = index.locate(data.well_table(data.read_sites(screen.sites)))
+    mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
+    i = int(np.flatnonzero(wells["well_id"] == z["well_id"][3])[0])
+    img, norm_idx, _, _ = data.StackDataset(index.files, wells)[i]
+    x = data.normalize_batch(img[None], torch.tensor([norm_idx]), torch.tensor(mean), torch.tensor(std))[0]
+    from deepnoise.augment import dihedral
+
+    with torch.no_grad():
+        views = torch.cat([dihedral(x, k) for k in range(8)])
+        p = net(views)[:, : screen.n_treatments].softmax(1).mean(0)
+    np.testing.assert_allclose(z["probs"][3], p.numpy(), atol=1e-5)
+
+
+def test_predict_errors(trained, tmp_path):
+    screen, weights = trained
+    assert cli.main(_args(screen, weights, tmp_path / "x.npz", cell_type="RPE")) == 2
+    assert cli.main(_args(screen, weights, tmp_path / "x.npz", experiments=("NOPE-01",))) == 2
+    with pytest.raises(InputError, match="cannot read weights"):
+        train.load_weights(tmp_path / "missing.pt")
+    assert not (tmp_path / "x.npz").exists()

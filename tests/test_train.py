@@ -1,0 +1,109 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+import train_fixtures as tf
+
+from deepnoise import cli, train
+from deepnoise.errors import InputError
+
+TINY = tf.TINY
+_run = tf.train_tiny
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    tf.ensure_stats()
+    return tf.make_screen(tmp_path_factory.mktemp("screen"), image_size=16, wells_per_treatment=2)
+
+
+def test_config_defaults_and_errors():
+    cfg = train.TrainConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (3e-4, 2e-4, 64, 160)
+    assert [cfg.lr_at(e) for e in (0, 99, 100, 139, 140, 159)] == [3e-4, 3e-4, 1e-4, 1e-4, 1e-5, 1e-5]
+    assert (cfg.arcface_s, cfg.arcface_m, cfg.head) == (30.0, 0.1, "arcface")
+    with pytest.raises(InputError, match="unknown key 'learning_rate'"):
+        train.TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(InputError, match="epochs"):
+        train.TrainConfig.from_dict({"epochs": "ten"})
+    with pytest.raises(InputError, match="lr_values"):
+        train.TrainConfig.from_dict({"lr_milestones": [1, 2], "lr_values": [0.1]})
+    assert train.TrainConfig.from_dict({"lr": 1}).lr == 1.0
+    assert train.TrainConfig.from_dict({"pretrained": "/x.pth"}).pretrained == "/x.pth"
+    # every field is documented (the workflow config mirrors the docstrings)
+    src = open(train.__file__).read()
+    for name in train.TrainConfig.__dataclass_fields__:
+        line = next(ln for ln in src.splitlines() if ln.strip().startswith(f"{name}:"))
+        after = src.split(line, 1)[1].lstrip()
+        assert after.startswith('"""'), name
+
+
+def test_device_selection(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert train.select_device("auto").type == "cpu"
+    with pytest.raises(InputError, match="cuda"):
+        train.select_device("cuda")
+
+
+def test_resume_is_bit_identical(screen, tmp_path):
+    full = _run(screen, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(screen, tmp_path / "cut", fail_after_epoch=0, cfg={"num_workers": 1})
+    assert not (tmp_path / "cut" / "weights.pt").exists()
+    ckpt = torch.load(tmp_path / "cut" / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and len(ckpt["log"]) == 1
+    resumed = _run(screen, tmp_path / "cut")
+    for part in ("student", "teacher"):
+        for key, value in full[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    a, b = pd.read_csv(tmp_path / "full" / "log.csv"), pd.read_csv(tmp_path / "cut" / "log.csv")
+    cols = ["epoch", "lr", "loss", "loss_ce", "val_acc_student", "val_acc_teacher"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert list(a.columns) == train.LOG_COLUMNS and list(a["lr"]) == [2e-3, 2e-3, 1e-3]
+    assert full["model_config"]["n_classes"] == screen.n_treatments + screen.n_controls
+    assert not all(torch.equal(full["student"][k], full["teacher"][k]) for k in full["student"])
+
+
+def test_tiny_model_beats_chance(screen, tmp_path):
+    w = _run(screen, tmp_path, cfg={"epochs": 6, "lr_milestones": [], "lr_values": [], "lr": 3e-3})
+    log = pd.read_csv(tmp_path / "log.csv")
+    chance = 1 / screen.n_treatments
+    assert log["val_acc_teacher"].iloc[-1] > 3 * chance, log
+    assert log["loss"].iloc[-1] < log["loss"].iloc[0]
+    assert w["scope"] == "all"
+    train.plot_log(tmp_path / "log.csv", tmp_path / "log.png")
+    assert (tmp_path / "log.png").stat().st_size > 1000
+
+
+def test_finetune_scope_pseudo_labels_and_cli(screen, tmp_path):
+    _run(screen, tmp_path / "all", cfg={"epochs": 1})
+    test_wells = [w for w in screen.truth if w.startswith("HUVEC-03")]
+    pd.DataFrame({"well_id": test_wells, "sirna_id": [screen.truth[w] for w in test_wells]}).to_csv(
+        tmp_path / "pseudo.csv", index=False
+    )
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps({**TINY, "epochs": 1, "softmax_only": True}))
+    common = [
+        "train",
+        "--sites", str(screen.sites),
+        "--classes", str(screen.classes),
+        "--stacks", *map(str, screen.stacks),
+        "--stats", *map(str, screen.stats),
+        "--scope", "HUVEC",
+        "--val-experiments", "HUVEC-02",
+        "--init", str(tmp_path / "all" / "weights.pt"),
+        "--pseudo-labels", str(tmp_path / "pseudo.csv"),
+        "--out-weights", str(tmp_path / "ft" / "weights.pt"),
+        "--out-log", str(tmp_path / "ft" / "log.csv"),
+        "--checkpoint-dir", str(tmp_path / "ft" / "ckpt"),
+        "--threads", "1",
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert cli.main([*common, "--hparams", str(hp)]) == 2  # unknown key
+    hp.write_text(json.dumps({**TINY, "epochs": 1}))
+    assert cli.main([*common, "--hparams", str(hp)]) == 0
+    log = pd.read_csv(tmp_path / "ft" / "log.csv")
+    assert log["loss_pseudo"].iloc[0] > 0
+    rpe = [("RPE" if a == "HUVEC" else a) for a in common]
+    assert cli.main([*rpe, "--hparams", str(hp)]) == 2  # no such cell type
