@@ -18,6 +18,24 @@ N_GROUPS = 4
 ROWS = string.ascii_uppercase[1:15]
 COLUMNS = tuple(range(2, 24))
 INNER_WELLS = tuple(f"{r}{c:02d}" for r in ROWS for c in COLUMNS)
+# Site-level columns of the rxrx1 release's metadata.csv (the synthetic screen writes the same).
+RXRX1_COLUMNS = (
+    "site_id",
+    "well_id",
+    "cell_type",
+    "dataset",
+    "experiment",
+    "plate",
+    "well",
+    "site",
+    "well_type",
+    "sirna",
+    "sirna_id",
+)
+# results/sites.csv: the rxrx1 columns plus the image path prefix (docs/architecture.md).
+SITE_COLUMNS = (*RXRX1_COLUMNS, "path")
+# Test truth (well level), written where the source has the test labels.
+TRUTH_COLUMNS = ("well_id", "experiment", "plate", "well", "cell_type", "sirna_id")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,298 @@
+"""Site tables from the synthetic / rxrx1 release layout or the Kaggle layout, with validation.
+
+Sources (``--root``):
+
+- ``synthetic`` and ``rxrx1``: ``ROOT/images/{experiment}/Plate{p}/{well}_s{site}_w{c}.png`` (or
+  ``ROOT/{experiment}/...`` when ROOT has no ``images/``) and ``ROOT/metadata.csv`` (rxrx1
+  columns). The rxrx1 release labels its test wells; those labels move to the truth file. The
+  synthetic screen writes its test labels to ``ROOT/test_truth.csv`` (read when present, or give
+  ``--truth``).
+- ``kaggle``: ``ROOT/{train,test}/{experiment}/Plate{p}/...`` with ``train.csv`` (id_code,
+  experiment, plate, well, sirna), ``test.csv`` (id_code, experiment, plate, well) and
+  ``{train,test}_controls.csv`` (id_code, experiment, plate, well, sirna, well_type). Cell type is
+  the experiment prefix before ``-``; every well has sites 1 and 2; siRNA names are ``sirna_{id}``
+  (``EMPTY`` for the negative control) as Kaggle gives only ids.
+
+In the site table, test treatment wells have ``sirna`` empty and ``sirna_id = -1``; control wells
+keep their labels in test experiments too (Kaggle gives them, and they are not scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from deepnoise import layout
+from deepnoise.atomic import atomic_path
+from deepnoise.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SITE_COLUMNS = list(layout.SITE_COLUMNS)
+TRUTH_COLUMNS = list(layout.TRUTH_COLUMNS)
+WELL_TYPES = ("treatment", "positive_control", "negative_control")
+KAGGLE_SITES = (1, 2)
+
+
+def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    """Read a CSV with every column as a string (no NaN); InputError if missing or incomplete."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"{path}: cannot parse CSV: {exc}") from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing columns {missing}")
+    return df
+
+
+def to_int(df: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna() | (values != values.round())
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{path}: row {i + 2}: column {column!r} is not an integer: {df[column].iloc[i]!r}")
+    return values.astype(np.int64)
+
+
+def _truth_of(df: pd.DataFrame) -> pd.DataFrame:
+    wells = df[df.sirna_id >= 0].drop_duplicates("well_id")
+    return wells[TRUTH_COLUMNS].reset_index(drop=True)
+
+
+def read_release(root: Path, metadata: Path | None, truth: Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Site table (unfinished: no validation) and truth from the synthetic / rxrx1 layout."""
+    images = root / "images" if (root / "images").is_dir() else root
+    metadata = metadata or root / "metadata.csv"
+    df = read_csv(metadata, [c for c in SITE_COLUMNS if c not in ("site_id", "path")])
+    for col in ("plate", "site", "sirna_id"):
+        df[col] = to_int(df, col, metadata)
+    df["site_id"] = [f"{w}_{s}" for w, s in zip(df.well_id, df.site, strict=True)]
+    df["path"] = [
+        str(images / e / f"Plate{p}" / f"{w}_s{s}")
+        for e, p, w, s in zip(df.experiment, df.plate, df.well, df.site, strict=True)
+    ]
+    hidden = (df.dataset == "test") & (df.well_type == "treatment")
+    truths = [_truth_of(df[hidden])]
+    df.loc[hidden, "sirna"] = ""
+    df.loc[hidden, "sirna_id"] = -1
+    truth = truth or (root / "test_truth.csv" if (root / "test_truth.csv").is_file() else None)
+    if truth is not None:
+        t = read_csv(truth, TRUTH_COLUMNS)
+        for col in ("plate", "sirna_id"):
+            t[col] = to_int(t, col, truth)
+        truths.append(t[TRUTH_COLUMNS])
+    return df, pd.concat(truths, ignore_index=True).drop_duplicates()
+
+
+def read_kaggle(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Site table (unfinished) from the Kaggle layout; Kaggle has no test truth."""
+    frames = []
+    for dataset in ("train", "test"):
+        for name, kind in ((f"{dataset}.csv", "treatment"), (f"{dataset}_controls.csv", "controls")):
+            path = root / name
+            cols = ["id_code", "experiment", "plate", "well"]
+            if kind == "controls":
+                cols += ["sirna", "well_type"]
+            elif dataset == "train":
+                cols += ["sirna"]
+            df = read_csv(path, cols)
+            df["plate"] = to_int(df, "plate", path)
+            df["sirna_id"] = to_int(df, "sirna", path) if "sirna" in cols else -1
+            if kind == "treatment":
+                df["well_type"] = "treatment"
+            df["dataset"] = dataset
+            df["images"] = str(root / dataset)
+            frames.append(df[["experiment", "plate", "well", "sirna_id", "well_type", "dataset", "images"]])
+    wells = pd.concat(frames, ignore_index=True)
+    wells["cell_type"] = wells.experiment.str.split("-").str[0]
+    wells["well_id"] = [
+        layout.well_id(e, p, w) for e, p, w in zip(wells.experiment, wells.plate, wells.well, strict=True)
+    ]
+    wells["sirna"] = [
+        "" if i < 0 else "EMPTY" if t == "negative_control" else f"sirna_{i}"
+        for i, t in zip(wells.sirna_id, wells.well_type, strict=True)
+    ]
+    df = wells.loc[wells.index.repeat(len(KAGGLE_SITES))].reset_index(drop=True)
+    df["site"] = np.tile(KAGGLE_SITES, len(wells))
+    df["site_id"] = [f"{w}_{s}" for w, s in zip(df.well_id, df.site, strict=True)]
+    df["path"] = [
+        str(Path(i) / e / f"Plate{p}" / f"{w}_s{s}")
+        for i, e, p, w, s in zip(df.images, df.experiment, df.plate, df.well, df.site, strict=True)
+    ]
+    return df, pd.DataFrame(columns=TRUTH_COLUMNS)
+
+
+def check_files(df: pd.DataFrame, siblings: bool = True) -> None:
+    """Every site has its 6 channel PNGs, and every PNG in a plate directory has a site row.
+
+    With ``siblings``, the other plate directories of the experiments are checked too (a plate
+    missing from the metadata).
+    """
+    expected: dict[str, set[str]] = {}
+    for prefix in df.path:
+        d, base = os.path.split(prefix)
+        expected.setdefault(d, set()).update(f"{base}_w{c}.png" for c in range(1, layout.N_CHANNELS + 1))
+    plate_dirs = set(expected)
+    for exp_dir in {os.path.dirname(d) for d in expected} if siblings else ():
+        if os.path.isdir(exp_dir):
+            plate_dirs.update(e.path for e in os.scandir(exp_dir) if e.is_dir())
+    for d in sorted(plate_dirs):
+        present = set()
+        if os.path.isdir(d):
+            present = {e.name for e in os.scandir(d) if e.name.lower().endswith(".png")}
+        want = expected.get(d, set())
+        missing = sorted(want - present)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InputError(f"{os.path.join(d, missing[0])}: channel PNG of a metadata row is missing{more}")
+        extra = sorted(present - want)
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise InputError(f"{os.path.join(d, extra[0])}: image has no metadata row{more}")
+
+
+def validate(df: pd.DataFrame, cell_types: list[str] | None) -> None:
+    dup = df.site_id.duplicated(keep=False)
+    if dup.any():
+        raise InputError(f"site {df.site_id[dup].iloc[0]}: duplicated in the metadata")
+    bad_plate = ~df.plate.isin(layout.PLATES)
+    if bad_plate.any():
+        r = df[bad_plate].iloc[0]
+        raise InputError(f"site {r.site_id}: plate {r.plate} of experiment {r.experiment} is not in 1..4")
+    if cell_types:
+        unknown = ~df.cell_type.isin(cell_types)
+        if unknown.any():
+            r = df[unknown].iloc[0]
+            raise InputError(
+                f"site {r.site_id}: cell type {r.cell_type!r} of experiment {r.experiment} "
+                f"is not one of {cell_types}"
+            )
+    for col, allowed in (("well_type", WELL_TYPES), ("dataset", ("train", "test"))):
+        bad = ~df[col].isin(allowed)
+        if bad.any():
+            r = df[bad].iloc[0]
+            raise InputError(f"site {r.site_id}: {col} {r[col]!r} is not one of {list(allowed)}")
+    if (df.site < 1).any():
+        raise InputError(f"site {df.site_id[df.site < 1].iloc[0]}: site number must be >= 1")
+    bad = (df.sirna_id < 0) & ((df.dataset == "train") | (df.well_type != "treatment"))
+    if bad.any():
+        raise InputError(f"site {df.site_id[bad].iloc[0]}: a train or control site has no sirna_id")
+    known = df[df.sirna_id >= 0]
+    names = known.groupby("sirna_id").sirna.nunique()
+    if (names > 1).any():
+        raise InputError(f"sirna_id {names.index[names > 1][0]}: has several sirna names")
+
+
+def classes_of(df: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """classes.json: treatments 0..N-1, controls N..N+P (positive controls first, then negative)."""
+    controls = df[(df.well_type != "treatment") & (df.sirna_id >= 0)]
+    treat_ids = np.concatenate(
+        [
+            df.sirna_id[(df.well_type == "treatment") & (df.sirna_id >= 0)].to_numpy(),
+            truth.sirna_id.to_numpy(),
+        ]
+    ).astype(np.int64)
+    if len(controls):
+        n = int(controls.sirna_id.min())
+        n_controls = int(controls.sirna_id.max()) - n + 1
+    else:
+        n = int(treat_ids.max()) + 1 if len(treat_ids) else 0
+        n_controls = 0
+    if len(treat_ids) and treat_ids.max() >= n:
+        bad = df[(df.well_type == "treatment") & (df.sirna_id >= n)]
+        where = f"site {bad.site_id.iloc[0]}" if len(bad) else "test truth"
+        raise InputError(f"{where}: treatment sirna_id {int(treat_ids.max())} >= first control id {n}")
+    names = dict(zip(df.sirna_id[df.sirna_id >= 0], df.sirna[df.sirna_id >= 0], strict=True))
+    sirnas = [names.get(i) or f"sirna_{i}" for i in range(n + n_controls)]
+    return {"n_treatments": n, "n_controls": n_controls, "sirnas": sirnas}
+
+
+def build_sites(
+    source: str,
+    root: Path,
+    metadata: Path | None = None,
+    truth: Path | None = None,
+    cell_types: list[str] | None = None,
+    experiments: list[str] | None = None,
+    check_images: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The validated site table, the test truth and classes.json content."""
+    root = Path(root)
+    if source == "kaggle":
+        df, truth_df = read_kaggle(root)
+    elif source in ("synthetic", "rxrx1"):
+        df, truth_df = read_release(root, metadata, truth)
+    else:
+        raise InputError(f"unknown source {source!r}")
+    if experiments:
+        absent = sorted(set(experiments) - set(df.experiment))
+        if absent:
+            raise InputError(f"experiment {absent[0]}: not in the metadata of {root}")
+        df = df[df.experiment.isin(experiments)]
+    validate(df, cell_types)
+    classes = classes_of(df, truth_df)
+    truth_df = truth_df[truth_df.well_id.isin(df.well_id)]
+    df = df.sort_values(["experiment", "plate", "well", "site"], kind="stable").reset_index(drop=True)
+    if check_images:
+        check_files(df)
+    df = df[SITE_COLUMNS].astype({"plate": np.int64, "site": np.int64, "sirna_id": np.int64})
+    truth_df = (
+        truth_df[TRUTH_COLUMNS]
+        .astype({"plate": np.int64, "sirna_id": np.int64})
+        .sort_values(["experiment", "plate", "well"])
+        .reset_index(drop=True)
+    )
+    return df, truth_df, classes
+
+
+def read_sites(path: Path | str) -> pd.DataFrame:
+    """Read results/sites.csv with the right dtypes (empty sirna stays an empty string)."""
+    path = Path(path)
+    df = read_csv(path, SITE_COLUMNS)
+    for col in ("plate", "site", "sirna_id"):
+        df[col] = to_int(df, col, path)
+    return df
+
+
+def _run(args: argparse.Namespace) -> int:
+    df, truth, classes = build_sites(
+        args.source,
+        Path(args.root),
+        Path(args.metadata) if args.metadata else None,
+        Path(args.truth) if args.truth else None,
+        args.cell_types,
+        args.experiments,
+    )
+    with atomic_path(args.out_sites) as p:
+        df.to_csv(p, index=False)
+    with atomic_path(args.out_truth) as p:
+        truth.to_csv(p, index=False)
+    with atomic_path(args.out_classes) as p:
+        p.write_text(json.dumps(classes, indent=1) + "\n")
+    log.info("%d sites, %d experiments, %d truth wells", len(df), df.experiment.nunique(), len(truth))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sites", help="build the site table from an image release")
+    p.add_argument("--source", required=True, choices=["synthetic", "rxrx1", "kaggle"])
+    p.add_argument("--root", required=True, help="release directory")
+    p.add_argument("--metadata", help="metadata.csv (synthetic/rxrx1; default ROOT/metadata.csv)")
+    p.add_argument(
+        "--truth", help="test truth CSV to merge (synthetic; default ROOT/test_truth.csv if present)"
+    )
+    p.add_argument("--out-sites", required=True)
+    p.add_argument("--out-truth", required=True)
+    p.add_argument("--out-classes", required=True)
+    p.add_argument("--cell-types", nargs="+", help="allowed cell types (others are an error)")
+    p.add_argument("--experiments", nargs="+", help="keep only these experiments")
+    p.set_defaults(func=_run)

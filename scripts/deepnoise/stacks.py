@@ -1,0 +1,173 @@
+"""PNG -> HDF5 plate stacks: one file per plate, one chunk per site, decoded with a thread pool.
+
+PIL releases the GIL while inflating, so threads scale the decode; the HDF5 writes happen in the
+main thread in site order. The output is written to a temporary sibling and renamed on success, so a
+bad input leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from deepnoise import __version__, layout
+from deepnoise.atomic import atomic_path
+from deepnoise.errors import InputError
+from deepnoise.metadata import check_files, read_sites
+
+log = logging.getLogger(__name__)
+
+# Measured by benchmarks/bench_ingest.py: PNG-derived noisy images barely compress (lzf/gzip-1
+# save a few % at 3-10x the write and read cost), so stacks are uncompressed by default.
+DEFAULT_COMPRESSION = "none"
+STR = h5py.string_dtype("utf-8")
+# Site-table columns stored next to the images, one row per site.
+STR_COLUMNS = ("site_id", "well_id", "well", "well_type", "dataset", "sirna")
+
+
+def compression_args(name: str) -> dict:
+    """h5py keyword arguments of ``none``, ``lzf``, ``gzip`` or ``gzip-N`` (N in 0..9)."""
+    if name == "none":
+        return {}
+    if name == "lzf":
+        return {"compression": "lzf"}
+    if name == "gzip" or (name.startswith("gzip-") and name[5:].isdigit() and int(name[5:]) <= 9):
+        return {"compression": "gzip", "compression_opts": int(name[5:] or 4) if "-" in name else 4}
+    raise InputError(f"--compression: unknown option {name!r} (none, lzf, gzip, gzip-N)")
+
+
+def read_png(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one 8-bit grayscale PNG; InputError naming the file for anything else."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise InputError(f"{path}: not a PNG file (format {img.format})")
+            if img.mode != "L":
+                raise InputError(f"{path}: expected 8-bit grayscale (mode L), got mode {img.mode}")
+            img.load()
+            array = np.asarray(img)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: channel PNG is missing") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: not a PNG file") from exc
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot decode PNG (truncated or corrupt): {exc}") from exc
+    if shape is not None and array.shape != shape:
+        raise InputError(
+            f"{path}: image size {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}"
+        )
+    return array
+
+
+def read_site(prefix: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The 6 channels of a site: uint8 (6, H, W)."""
+    first = read_png(f"{prefix}_w1.png", shape)
+    out = np.empty((layout.N_CHANNELS, *first.shape), np.uint8)
+    out[0] = first
+    for c in range(1, layout.N_CHANNELS):
+        out[c] = read_png(f"{prefix}_w{c + 1}.png", first.shape)
+    return out
+
+
+def iter_sites(prefixes: list[str], threads: int, shape: tuple[int, int]):
+    """Decoded sites in order, at most ``4 * threads`` in flight."""
+    if threads <= 1:
+        for p in prefixes:
+            yield read_site(p, shape)
+        return
+    pool = ThreadPoolExecutor(threads)
+    try:
+        window: collections.deque = collections.deque()
+        it = iter(prefixes)
+        for p in it:
+            window.append(pool.submit(read_site, p, shape))
+            if len(window) >= 4 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_stack(
+    sites_csv: Path | str,
+    experiment: str,
+    plate: int,
+    out: Path | str,
+    threads: int = 1,
+    compression: str = DEFAULT_COMPRESSION,
+) -> int:
+    """Write the plate's HDF5 stack; returns the number of sites."""
+    table = read_sites(sites_csv)
+    df = table[(table.experiment == experiment) & (table.plate == int(plate))].reset_index(drop=True)
+    if df.empty:
+        raise InputError(f"{sites_csv}: no sites for experiment {experiment} plate {plate}")
+    if df.cell_type.nunique() != 1:
+        raise InputError(
+            f"experiment {experiment} plate {plate}: several cell types {sorted(set(df.cell_type))}"
+        )
+    kwargs = compression_args(compression)
+    prefixes = list(df.path)
+    check_files(df, siblings=False)
+    first = read_png(f"{prefixes[0]}_w1.png")
+    shape = first.shape
+    n = len(df)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        images = f.create_dataset(
+            "images",
+            shape=(n, layout.N_CHANNELS, *shape),
+            dtype=np.uint8,
+            chunks=(1, layout.N_CHANNELS, *shape),
+            **kwargs,
+        )
+        direct = not kwargs
+        for i, site in enumerate(iter_sites(prefixes, threads, shape)):
+            if direct:  # no filter pipeline: hand the chunk bytes straight to HDF5
+                images.id.write_direct_chunk((i, 0, 0, 0), site.tobytes())
+            else:
+                images[i] = site
+        for col in STR_COLUMNS:
+            f.create_dataset(col, data=df[col].to_numpy(dtype=object), dtype=STR)
+        f.create_dataset("site", data=df.site.to_numpy(np.int8))
+        f.create_dataset("sirna_id", data=df.sirna_id.to_numpy(np.int32))
+        f.attrs.update(
+            {
+                "experiment": experiment,
+                "plate": int(plate),
+                "cell_type": str(df.cell_type.iloc[0]),
+                "image_size": int(shape[0]),
+                "source": str(sites_csv),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "deepnoise_version": __version__,
+                "n_sites": n,
+                "compression": compression,
+            }
+        )
+    log.info("%s plate %s: %d sites -> %s", experiment, plate, n, out)
+    return n
+
+
+def _run(args: argparse.Namespace) -> int:
+    write_stack(args.sites, args.experiment, args.plate, args.out, args.threads, args.compression)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("stack", help="stack one plate's PNGs into an HDF5 file")
+    p.add_argument("--sites", required=True, help="results/sites.csv")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--plate", required=True, type=int)
+    p.add_argument("--out", required=True, help="results/stacks/{experiment}/Plate{plate}.h5")
+    p.add_argument("--threads", type=int, default=1, help="decode threads")
+    p.add_argument("--compression", default=DEFAULT_COMPRESSION, help="none (default), lzf, gzip, gzip-N")
+    p.set_defaults(func=_run)

@@ -1,0 +1,382 @@
+"""Synthetic RxRx1 screen: cell-like images with class phenotypes and strong batch effects.
+
+The screen mimics RxRx1 scaled down. Treatments ``0..n_treatments-1`` (named ``s{id:05d}``) are split
+into 4 fixed groups; every plate of an experiment holds one group (each treatment once), the
+plate -> group map being one of the 4 cyclic rotations, chosen per experiment. Every plate also holds
+the positive controls (ids ``n_treatments..``) and one negative control well (``EMPTY``), all at
+random inner wells.
+
+Images are 6-channel (one grayscale PNG per channel) renderings of elliptical cells: channel 1 is
+the nucleus, channels 2-6 the cytoplasm. A treatment shifts (subtly) the per-channel intensity and
+texture, the cell count, size and elongation; the cell type sets the base appearance and part of the
+response. Technical noise is strong on purpose: per-experiment and per-plate per-channel gain and
+offset, row/column gradients over the plate, and pixel noise, so that per-plate normalisation beats
+per-experiment normalisation, which beats per-cell-type normalisation.
+
+Every random draw comes from a generator keyed by (seed, what it is for), so the output does not
+depend on the thread count or order: the same config gives byte-identical PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from deepnoise import layout
+from deepnoise.atomic import atomic_path
+from deepnoise.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Structural keys: the workflow always passes them.
+REQUIRED = (
+    "seed",
+    "image_size",
+    "cell_types",
+    "train_experiments_per_cell_type",
+    "test_experiments_per_cell_type",
+    "n_treatments",
+    "n_positive_controls",
+    "sites_per_well",
+)
+
+# Appearance and noise knobs; a config may omit any of them.
+DEFAULTS = {
+    "cells_per_site": 12.0,  # mean number of cells in a site (Poisson)
+    "cell_radius": 0.075,  # mean cell radius, as a fraction of the image side
+    "nucleus_fraction": 0.5,  # nucleus radius / cell radius
+    "phenotype_strength": 0.3,  # std of a treatment's log-effects (intensity, texture, shape, count)
+    "control_strength": 2.0,  # positive controls' phenotype is this many times stronger
+    "cell_type_specificity": 0.5,  # weight of the cell-type-specific part of a treatment's phenotype
+    "cell_type_strength": 0.3,  # std of the per-cell-type log differences of base appearance
+    "cell_variability": 0.2,  # std of cell-to-cell log intensity and size variation
+    "experiment_gain": 0.4,  # std of per-experiment, per-channel log gain
+    "experiment_offset": 12.0,  # std of per-experiment, per-channel additive offset (grey levels)
+    "plate_gain": 0.15,  # std of per-plate, per-channel log gain
+    "plate_offset": 6.0,  # std of per-plate, per-channel additive offset (grey levels)
+    "well_gradient": 0.15,  # std of the per-plate relative gain change from plate centre to edge
+    "pixel_noise": 5.0,  # std of additive Gaussian pixel noise (grey levels)
+    "background": 20.0,  # mean background level before gain/offset (grey levels)
+}
+
+# Mean cell intensity per channel before the cell-type, treatment and technical effects.
+BASE_INTENSITY = np.array([110.0, 60.0, 75.0, 50.0, 70.0, 55.0])
+# Phenotype vector: 6 channel log-intensities, 6 channel texture log-amplitudes, count, size, shape.
+N_PHENO = 15
+METADATA_COLUMNS = list(layout.RXRX1_COLUMNS)
+TRUTH_COLUMNS = list(layout.TRUTH_COLUMNS)
+PNG_COMPRESS_LEVEL = 6
+
+
+def validate_config(cfg: dict) -> dict:
+    """Return the config with defaults filled in; InputError names the first bad key."""
+    if not isinstance(cfg, dict):
+        raise InputError("synthetic config: expected a JSON object")
+    for key in cfg:
+        if key not in REQUIRED and key not in DEFAULTS:
+            raise InputError(f"synthetic config: unknown key {key!r}")
+    for key in REQUIRED:
+        if key not in cfg:
+            raise InputError(f"synthetic config: missing key {key!r}")
+    out = {**DEFAULTS, **cfg}
+
+    def integer(key: str, lo: int, hi: int) -> int:
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise InputError(f"synthetic config: {key!r} must be an integer in {lo}..{hi}, got {value!r}")
+        return value
+
+    integer("seed", 0, 2**63 - 1)
+    integer("image_size", 16, 2048)
+    integer("train_experiments_per_cell_type", 1, 99)
+    integer("test_experiments_per_cell_type", 0, 99)
+    n = integer("n_treatments", 4, 4 * len(layout.INNER_WELLS))
+    if n % layout.N_GROUPS:
+        raise InputError(f"synthetic config: 'n_treatments' must be divisible by 4, got {n}")
+    p = integer("n_positive_controls", 0, len(layout.INNER_WELLS))
+    integer("sites_per_well", 1, 9)
+    if n // layout.N_GROUPS + p + 1 > len(layout.INNER_WELLS):
+        raise InputError(
+            f"synthetic config: {n // 4} treatments + {p} positive controls + 1 negative control "
+            f"do not fit the {len(layout.INNER_WELLS)} inner wells of a plate"
+        )
+    cell_types = out["cell_types"]
+    if not isinstance(cell_types, list) or not cell_types:
+        raise InputError("synthetic config: 'cell_types' must be a non-empty list of names")
+    for name in cell_types:
+        if not isinstance(name, str) or not name or not name.isalnum():
+            raise InputError(f"synthetic config: 'cell_types' entry {name!r} must be alphanumeric")
+    if len(set(cell_types)) != len(cell_types):
+        raise InputError(f"synthetic config: 'cell_types' has duplicates: {cell_types}")
+    for key in DEFAULTS:
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InputError(f"synthetic config: {key!r} must be a non-negative number, got {value!r}")
+    if out["cells_per_site"] <= 0 or out["cell_radius"] <= 0:
+        raise InputError("synthetic config: 'cells_per_site' and 'cell_radius' must be positive")
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _upsampler(coarse: int, size: int) -> np.ndarray:
+    """(size, coarse) matrix of linear interpolation weights from a coarse grid to pixel centres."""
+    centres = (np.arange(size) + 0.5) * coarse / size - 0.5
+    eye = np.eye(coarse, dtype=np.float32)
+    return np.stack([np.interp(centres, np.arange(coarse), eye[k]) for k in range(coarse)], 1).astype(
+        np.float32
+    )
+
+
+def _rng(seed: int, *key: int | str) -> np.random.Generator:
+    """A generator for one purpose: keyed by the seed and a tuple of ints/strings."""
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32]
+    for k in key:
+        words.append(zlib.crc32(k.encode()) if isinstance(k, str) else int(k))
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+@dataclass(frozen=True)
+class Well:
+    experiment: str
+    cell_type: str
+    dataset: str
+    plate: int
+    well: str
+    well_type: str
+    sirna_id: int
+    sirna: str
+
+
+class Screen:
+    """The screen's design and all its random effects, from a validated config."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.seed = cfg["seed"]
+        self.n = cfg["n_treatments"]
+        self.n_pos = cfg["n_positive_controls"]
+        self.negative_id = self.n + self.n_pos
+        self.experiments = layout.synthetic_experiments(cfg)
+        classes = _rng(self.seed, "groups").permutation(self.n)
+        self.groups = [np.sort(g) for g in np.split(classes, layout.N_GROUPS)]
+        # Phenotypes: a shared part per class plus a cell-type-specific part.
+        n_classes = self.negative_id + 1
+        shared = _rng(self.seed, "phenotype").standard_normal((n_classes, N_PHENO))
+        spec = cfg["cell_type_specificity"]
+        strength = np.full((n_classes, 1), cfg["phenotype_strength"])
+        strength[self.n : self.negative_id] *= cfg["control_strength"]
+        strength[self.negative_id] = 0.0
+        self.phenotype = {}
+        self.appearance = {}
+        for ct in cfg["cell_types"]:
+            own = _rng(self.seed, "phenotype", ct).standard_normal((n_classes, N_PHENO))
+            self.phenotype[ct] = strength * (shared + spec * own) / np.sqrt(1 + spec**2)
+            self.appearance[ct] = cfg["cell_type_strength"] * _rng(
+                self.seed, "cell_type", ct
+            ).standard_normal(N_PHENO)
+
+    def sirna_name(self, sirna_id: int) -> str:
+        return "EMPTY" if sirna_id == self.negative_id else f"s{sirna_id:05d}"
+
+    def wells(self) -> list[Well]:
+        out = []
+        for exp in self.experiments:
+            rotation = int(_rng(self.seed, "rotation", exp.experiment).integers(layout.N_GROUPS))
+            for plate in layout.PLATES:
+                group = self.groups[(plate - 1 + rotation) % layout.N_GROUPS]
+                rng = _rng(self.seed, "wells", exp.experiment, plate)
+                ids = [*rng.permutation(group), *range(self.n, self.negative_id + 1)]
+                positions = rng.choice(len(layout.INNER_WELLS), size=len(ids), replace=False)
+                for sid, pos in zip(ids, positions, strict=True):
+                    sid = int(sid)
+                    well_type = (
+                        "treatment"
+                        if sid < self.n
+                        else "negative_control"
+                        if sid == self.negative_id
+                        else "positive_control"
+                    )
+                    out.append(
+                        Well(
+                            exp.experiment,
+                            exp.cell_type,
+                            exp.dataset,
+                            plate,
+                            layout.INNER_WELLS[pos],
+                            well_type,
+                            sid,
+                            self.sirna_name(sid),
+                        )
+                    )
+        out.sort(key=lambda w: (w.experiment, w.plate, w.well))
+        return out
+
+    def technical(self, experiment: str, plate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-channel gain, offset and (row, column) gradient coefficients of a plate."""
+        cfg = self.cfg
+        e = _rng(self.seed, "experiment_effect", experiment).standard_normal((2, 6))
+        p = _rng(self.seed, "plate_effect", experiment, plate).standard_normal((4, 6))
+        gain = np.exp(cfg["experiment_gain"] * e[0] + cfg["plate_gain"] * p[0])
+        offset = cfg["experiment_offset"] * e[1] + cfg["plate_offset"] * p[1]
+        gradient = cfg["well_gradient"] * p[2:4]
+        return gain, offset, gradient
+
+    def render(self, w: Well, site: int) -> np.ndarray:
+        """One site: uint8 array (6, S, S)."""
+        cfg = self.cfg
+        size = cfg["image_size"]
+        rng = _rng(self.seed, "site", w.experiment, w.plate, w.well, site)
+        ph = self.phenotype[w.cell_type][w.sirna_id] + self.appearance[w.cell_type]
+        intensity = BASE_INTENSITY * np.exp(ph[0:6])
+        texture_amp = 0.35 * np.exp(ph[6:12])
+        n_cells = max(1, int(rng.poisson(cfg["cells_per_site"] * np.exp(ph[12]))))
+        radius = cfg["cell_radius"] * size * np.exp(ph[13])
+        var = cfg["cell_variability"]
+
+        signal = np.zeros((6, size, size), np.float32)
+        cy, cx = rng.uniform(0, size, (2, n_cells))
+        radii = radius * np.exp(var * rng.standard_normal(n_cells))
+        aspect = np.exp(np.abs(0.3 + ph[14] + 0.2 * rng.standard_normal(n_cells)))
+        angle = rng.uniform(0, np.pi, n_cells)
+        cell_int = intensity[None, :] * np.exp(var * rng.standard_normal((n_cells, 1)))
+        nf = cfg["nucleus_fraction"]
+        for i in range(n_cells):
+            a = radii[i] * np.sqrt(aspect[i])  # semi-axes
+            b = radii[i] / np.sqrt(aspect[i])
+            half = int(np.ceil(a)) + 1
+            y0, y1 = max(0, int(cy[i]) - half), min(size, int(cy[i]) + half + 1)
+            x0, x1 = max(0, int(cx[i]) - half), min(size, int(cx[i]) + half + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy[i]
+            xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx[i]
+            c, s = np.cos(angle[i]), np.sin(angle[i])
+            u = (xx * c + yy * s) / a
+            v = (yy * c - xx * s) / b
+            d2 = u * u + v * v
+            cyto = np.sqrt(np.clip(1.0 - d2, 0.0, None))
+            nucleus = np.sqrt(np.clip(1.0 - d2 / (nf * nf), 0.0, None))
+            signal[0, y0:y1, x0:x1] += cell_int[i, 0] * nucleus
+            signal[1:, y0:y1, x0:x1] += cell_int[i, 1:, None, None] * cyto[None]
+        # Texture: smooth multiplicative noise per channel at a scale of ~a third of a cell.
+        coarse = max(2, int(round(size / max(1.0, radius / 3))))
+        field = rng.standard_normal((6, coarse, coarse)).astype(np.float32)
+        up = _upsampler(coarse, size)
+        field = np.matmul(np.matmul(up, field), up.T)
+        signal *= np.clip(1.0 + texture_amp[:, None, None].astype(np.float32) * field, 0.0, None)
+
+        gain, offset, gradient = self.technical(w.experiment, w.plate)
+        row = (layout.ROWS.index(w.well[0]) - (len(layout.ROWS) - 1) / 2) / ((len(layout.ROWS) - 1) / 2)
+        col = (int(w.well[1:]) - np.mean(layout.COLUMNS)) / ((len(layout.COLUMNS) - 1) / 2)
+        gain = gain * np.exp(gradient[0] * row + gradient[1] * col)
+        image = (cfg["background"] + signal) * gain[:, None, None].astype(np.float32)
+        image += offset[:, None, None].astype(np.float32)
+        image += cfg["pixel_noise"] * rng.standard_normal(image.shape, dtype=np.float32)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def site_prefix(images: Path, w: Well, site: int) -> Path:
+    return images / w.experiment / f"Plate{w.plate}" / f"{w.well}_s{site}"
+
+
+def write_png(path: Path | str, array: np.ndarray) -> None:
+    Image.fromarray(array, mode="L").save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def tables(screen: Screen, wells: list[Well]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """metadata.csv (test treatment labels blanked) and test_truth.csv."""
+    rows, truth = [], []
+    for w in wells:
+        wid = layout.well_id(w.experiment, w.plate, w.well)
+        hidden = w.dataset == "test" and w.well_type == "treatment"
+        if hidden:
+            truth.append((wid, w.experiment, w.plate, w.well, w.cell_type, w.sirna_id))
+        for site in range(1, screen.cfg["sites_per_well"] + 1):
+            rows.append(
+                (
+                    f"{wid}_{site}",
+                    wid,
+                    w.cell_type,
+                    w.dataset,
+                    w.experiment,
+                    w.plate,
+                    w.well,
+                    site,
+                    w.well_type,
+                    "" if hidden else w.sirna,
+                    -1 if hidden else w.sirna_id,
+                )
+            )
+    return pd.DataFrame(rows, columns=METADATA_COLUMNS), pd.DataFrame(truth, columns=TRUTH_COLUMNS)
+
+
+def synthesize(cfg: dict, out_images: Path, out_metadata: Path, out_truth: Path, threads: int = 1) -> None:
+    cfg = validate_config(cfg)
+    screen = Screen(cfg)
+    wells = screen.wells()
+    out_images = Path(out_images)
+    out_images.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_images.name}.", dir=out_images.parent))
+    try:
+        for exp in screen.experiments:
+            for plate in layout.PLATES:
+                (tmp / exp.experiment / f"Plate{plate}").mkdir(parents=True)
+
+        def work(w: Well) -> None:
+            for site in range(1, cfg["sites_per_well"] + 1):
+                image = screen.render(w, site)
+                prefix = site_prefix(tmp, w, site)
+                for c in range(layout.N_CHANNELS):
+                    write_png(f"{prefix}_w{c + 1}.png", image[c])
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for _ in pool.map(work, wells):
+                pass
+        if out_images.exists():
+            shutil.rmtree(out_images)
+        os.replace(tmp, out_images)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metadata, truth = tables(screen, wells)
+    with atomic_path(out_metadata) as path:
+        metadata.to_csv(path, index=False)
+    with atomic_path(out_truth) as path:
+        truth.to_csv(path, index=False)
+    log.info(
+        "synthesized %d experiments, %d wells, %d sites", len(screen.experiments), len(wells), len(metadata)
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg = json.loads(args.config_json)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--config-json: not valid JSON: {exc}") from exc
+    synthesize(cfg, Path(args.out_images), Path(args.out_metadata), Path(args.out_truth), args.threads)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("synthesize", help="generate a synthetic RxRx1-like screen")
+    p.add_argument("--config-json", required=True, help="the synthetic config as a JSON object")
+    p.add_argument(
+        "--out-images", required=True, help="image root: {experiment}/Plate{p}/{well}_s{s}_w{c}.png"
+    )
+    p.add_argument("--out-metadata", required=True, help="metadata.csv (rxrx1 columns)")
+    p.add_argument("--out-truth", required=True, help="test_truth.csv (labels of the test treatment wells)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_run)

@@ -1,0 +1,133 @@
+"""Site tables from the rxrx1, Kaggle and synthetic layouts; validation errors name the culprit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from data_fixtures import N_TREATMENTS, fixture_wells, write_kaggle, write_png, write_rxrx1
+
+from deepnoise.cli import main
+from deepnoise.metadata import SITE_COLUMNS, TRUTH_COLUMNS, build_sites, read_sites
+
+
+def sites_cli(tmp_path, source, root, *extra):
+    out = tmp_path / "results"
+    rc = main(
+        [
+            "sites",
+            "--source",
+            source,
+            "--root",
+            str(root),
+            "--out-sites",
+            str(out / "sites.csv"),
+            "--out-truth",
+            str(out / "test_truth.csv"),
+            "--out-classes",
+            str(out / "classes.json"),
+            *extra,
+        ]
+    )
+    return rc, out
+
+
+def test_rxrx1_and_kaggle_give_the_same_table(tmp_path):
+    rc, a = sites_cli(tmp_path / "a", "rxrx1", write_rxrx1(tmp_path / "rxrx1"))
+    assert rc == 0
+    rc, b = sites_cli(tmp_path / "b", "kaggle", write_kaggle(tmp_path / "kaggle"))
+    assert rc == 0
+    ta, tb = read_sites(a / "sites.csv"), read_sites(b / "sites.csv")
+    assert list(ta.columns) == SITE_COLUMNS
+    same = [c for c in SITE_COLUMNS if c not in ("path", "sirna")]  # Kaggle has ids, no names
+    pd.testing.assert_frame_equal(ta[same], tb[same])
+    assert ((ta.sirna == "") == (tb.sirna == "")).all()
+    assert len(ta) == 2 * len(fixture_wells())
+    test = ta[ta.dataset == "test"]
+    assert (test[test.well_type == "treatment"].sirna_id == -1).all()
+    assert (test[test.well_type != "treatment"].sirna_id >= N_TREATMENTS).all()  # controls stay labelled
+    for prefix in ta.path.tolist() + tb.path.tolist():
+        assert all(os.path.isfile(f"{prefix}_w{c}.png") for c in range(1, 7))
+    truth = pd.read_csv(a / "test_truth.csv")
+    assert list(truth.columns) == TRUTH_COLUMNS
+    wells = fixture_wells()
+    hidden = wells[(wells.dataset == "test") & (wells.well_type == "treatment")]
+    assert sorted(truth.sirna_id) == sorted(hidden.sirna_id)
+    assert len(pd.read_csv(b / "test_truth.csv")) == 0  # Kaggle has no test labels
+    ca, cb = json.loads((a / "classes.json").read_text()), json.loads((b / "classes.json").read_text())
+    assert ca["n_treatments"] == cb["n_treatments"] == N_TREATMENTS
+    assert ca["n_controls"] == cb["n_controls"] == 2
+    assert ca["sirnas"][N_TREATMENTS + 1] == cb["sirnas"][N_TREATMENTS + 1] == "EMPTY"
+    assert len(ca["sirnas"]) == N_TREATMENTS + 2
+
+
+def test_filters_and_synthetic_truth(tmp_path):
+    root = write_rxrx1(tmp_path / "rel")
+    md = pd.read_csv(root / "metadata.csv")
+    hidden = (md.dataset == "test") & (md.well_type == "treatment")
+    truth = md[hidden].drop_duplicates("well_id")[TRUTH_COLUMNS]
+    md.loc[hidden, "sirna"] = ""
+    md.loc[hidden, "sirna_id"] = -1
+    md.to_csv(root / "metadata.csv", index=False)
+    truth.to_csv(root / "test_truth.csv", index=False)
+    df, t, classes = build_sites(
+        "synthetic", root, experiments=["HUVEC-02", "RPE-01"], cell_types=["HUVEC", "RPE"]
+    )
+    assert set(df.experiment) == {"HUVEC-02", "RPE-01"}
+    assert sorted(t.well_id) == sorted(truth.well_id)
+    assert classes["n_treatments"] == N_TREATMENTS
+
+
+def _expect_error(tmp_path, capsys, root, source, needle, *extra):
+    rc, out = sites_cli(tmp_path, source, root, *extra)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_duplicated_site(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+    md = pd.read_csv(root / "metadata.csv")
+    pd.concat([md, md.iloc[[3]]]).to_csv(root / "metadata.csv", index=False)
+    _expect_error(tmp_path, capsys, root, "rxrx1", f"site {md.site_id[3]}: duplicated")
+
+
+def test_unknown_cell_type(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+    _expect_error(
+        tmp_path, capsys, root, "rxrx1", "cell type 'RPE' of experiment RPE-01", "--cell-types", "HUVEC"
+    )
+
+
+def test_plate_out_of_range(tmp_path, capsys):
+    root = write_kaggle(tmp_path / "kag")
+    df = pd.read_csv(root / "train.csv")
+    df.loc[0, "plate"] = 5
+    df.to_csv(root / "train.csv", index=False)
+    _expect_error(
+        tmp_path, capsys, root, "kaggle", f"plate 5 of experiment {df.experiment[0]} is not in 1..4"
+    )
+
+
+def test_missing_png(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+    victim = root / "images" / "RPE-01" / "Plate2" / "C05_s2_w4.png"
+    victim.unlink()
+    _expect_error(tmp_path, capsys, root, "rxrx1", f"{victim}: channel PNG of a metadata row is missing")
+
+
+@pytest.mark.parametrize("plate_dir", ["Plate1", "Plate3"])
+def test_png_without_metadata(tmp_path, capsys, plate_dir):
+    root = write_kaggle(tmp_path / "kag")
+    extra = root / "train" / "HUVEC-01" / plate_dir / "N13_s1_w1.png"
+    write_png(extra, np.zeros((16, 16), np.uint8))
+    _expect_error(tmp_path, capsys, root, "kaggle", f"{extra}: image has no metadata row")
+
+
+def test_unknown_experiment(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+    _expect_error(tmp_path, capsys, root, "rxrx1", "experiment HEPG2-07", "--experiments", "HEPG2-07")

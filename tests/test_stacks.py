@@ -1,0 +1,134 @@
+"""PNG -> HDF5 plate stacks: content, threads, compression, and one test per bad input."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from data_fixtures import site_image, write_png, write_rxrx1
+from PIL import Image
+
+from deepnoise.cli import main
+from deepnoise.metadata import build_sites
+
+EXPERIMENT, PLATE = "HUVEC-02", 2
+
+
+@pytest.fixture
+def release(tmp_path):
+    root = write_rxrx1(tmp_path / "rel")
+    df, _, _ = build_sites("rxrx1", root)
+    df.to_csv(tmp_path / "sites.csv", index=False)
+    return root, tmp_path / "sites.csv", df
+
+
+def stack(sites, out, *extra):
+    return main(
+        [
+            "stack",
+            "--sites",
+            str(sites),
+            "--experiment",
+            EXPERIMENT,
+            "--plate",
+            str(PLATE),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["--threads", "3"], ["--compression", "lzf"], ["--compression", "gzip-1"]]
+)
+def test_stack_content(release, tmp_path, options):
+    _, sites, df = release
+    out = tmp_path / "stacks" / EXPERIMENT / f"Plate{PLATE}.h5"
+    assert stack(sites, out, *options) == 0
+    plate = df[(df.experiment == EXPERIMENT) & (df.plate == PLATE)].reset_index(drop=True)
+    with h5py.File(out) as f:
+        images = f["images"]
+        assert images.shape == (len(plate), 6, 16, 16) and images.dtype == np.uint8
+        assert images.chunks == (1, 6, 16, 16)
+        for i, r in plate.iterrows():
+            np.testing.assert_array_equal(images[i], site_image(EXPERIMENT, PLATE, r.well, r.site))
+        assert list(f["well"].asstr()[:]) == list(plate.well)
+        assert list(f["well_id"].asstr()[:]) == list(plate.well_id)
+        assert list(f["well_type"].asstr()[:]) == list(plate.well_type)
+        assert list(f["dataset"].asstr()[:]) == ["test"] * len(plate)
+        assert f["site"].dtype == np.int8 and list(f["site"][:]) == list(plate.site)
+        assert f["sirna_id"].dtype == np.int32 and list(f["sirna_id"][:]) == list(plate.sirna_id)
+        attrs = dict(f.attrs)
+    assert attrs["experiment"] == EXPERIMENT and attrs["plate"] == PLATE and attrs["cell_type"] == "HUVEC"
+    assert attrs["n_sites"] == len(plate) and attrs["image_size"] == 16
+    assert {"source", "created", "deepnoise_version"} <= set(attrs)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def _bad_png_cases():
+    def missing(path):
+        path.unlink()
+
+    def truncated(path):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    def not_png(path):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(path, format="JPEG")
+
+    def wrong_size(path):
+        write_png(path, np.zeros((16, 20), np.uint8))
+
+    def sixteen_bit(path):
+        Image.fromarray(np.full((16, 16), 1000, np.uint16)).save(path, format="PNG")
+
+    def rgb(path):
+        write_png(path, np.zeros((16, 16, 3), np.uint8))
+
+    return {
+        "missing": (missing, "is missing"),
+        "truncated": (truncated, "truncated"),
+        "not_png": (not_png, "not a PNG"),
+        "wrong_size": (wrong_size, "image size 20x16, expected 16x16"),
+        "16bit": (sixteen_bit, "expected 8-bit grayscale"),
+        "rgb": (rgb, "got mode RGB"),
+    }
+
+
+BAD = _bad_png_cases()
+
+
+def _assert_failed(capsys, rc, out, *needles):
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert not out.exists()
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no temp file either
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_png(release, tmp_path, capsys, case, threads):
+    root, sites, _ = release
+    victim = root / "images" / EXPERIMENT / f"Plate{PLATE}" / "C05_s2_w3.png"
+    damage, message = BAD[case]
+    damage(victim)
+    out = tmp_path / "stacks" / EXPERIMENT / f"Plate{PLATE}.h5"
+    _assert_failed(capsys, stack(sites, out, "--threads", threads), out, str(victim), message)
+
+
+def test_png_without_site_row(release, tmp_path, capsys):
+    root, sites, _ = release
+    extra = root / "images" / EXPERIMENT / f"Plate{PLATE}" / "K11_s1_w1.png"
+    write_png(extra, np.zeros((16, 16), np.uint8))
+    out = tmp_path / "stacks" / f"Plate{PLATE}.h5"
+    _assert_failed(capsys, stack(sites, out), out, f"{extra}: image has no")
+
+
+def test_unknown_plate_and_compression(release, tmp_path, capsys):
+    _, sites, _ = release
+    out = tmp_path / "stacks" / "x.h5"
+    rc = main(["stack", "--sites", str(sites), "--experiment", "HUVEC-09", "--plate", "1", "--out", str(out)])
+    _assert_failed(capsys, rc, out, "no sites for experiment HUVEC-09 plate 1")
+    _assert_failed(capsys, stack(sites, out, "--compression", "zstd"), out, "'zstd'")
