@@ -1,5 +1,7 @@
 import json
+import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -46,14 +48,16 @@ def test_device_selection(monkeypatch):
         train.select_device("cuda")
 
 
-def test_resume_is_bit_identical(screen, tmp_path):
+def test_resume_is_bit_identical(screen, tmp_path, caplog):
     full = _run(screen, tmp_path / "full")
     with pytest.raises(RuntimeError, match="injected"):
         _run(screen, tmp_path / "cut", fail_after_epoch=0, cfg={"num_workers": 1})
     assert not (tmp_path / "cut" / "weights.pt").exists()
     ckpt = torch.load(tmp_path / "cut" / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and len(ckpt["log"]) == 1
-    resumed = _run(screen, tmp_path / "cut")
+    with caplog.at_level(logging.INFO, logger="deepnoise.train"):
+        resumed = _run(screen, tmp_path / "cut")
+    assert "resuming from" in caplog.text and "after epoch 0" in caplog.text
     for part in ("student", "teacher"):
         for key, value in full[part].items():
             assert torch.equal(value, resumed[part][key]), (part, key)
@@ -63,6 +67,9 @@ def test_resume_is_bit_identical(screen, tmp_path):
     assert list(a.columns) == train.LOG_COLUMNS and list(a["lr"]) == [2e-3, 2e-3, 1e-3]
     assert full["model_config"]["n_classes"] == screen.n_treatments + screen.n_controls
     assert not all(torch.equal(full["student"][k], full["teacher"][k]) for k in full["student"])
+    # a finished run's checkpoint is reused only for the same inputs: other validation -> retrain
+    _run(screen, tmp_path / "cut", val_experiments=[])
+    assert pd.read_csv(tmp_path / "cut" / "log.csv")["val_acc_teacher"].isna().all()
 
 
 def test_tiny_model_beats_chance(screen, tmp_path):
@@ -107,3 +114,112 @@ def test_finetune_scope_pseudo_labels_and_cli(screen, tmp_path):
     assert log["loss_pseudo"].iloc[0] > 0
     rpe = [("RPE" if a == "HUVEC" else a) for a in common]
     assert cli.main([*rpe, "--hparams", str(hp)]) == 2  # no such cell type
+
+
+def _have(*names):
+    import importlib
+
+    try:
+        for name in names:
+            importlib.import_module(f"deepnoise.{name}")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have("synth", "metadata", "stacks", "stats"), reason="data modules not there yet")
+def test_integration_with_synthetic_screen(tmp_path):
+    """synthesize -> sites -> stack -> plate-stats -> train -> predict through the CLI."""
+    syn = {
+        "seed": 0,
+        "image_size": 32,
+        "cell_types": ["HUVEC"],
+        "train_experiments_per_cell_type": 3,
+        "test_experiments_per_cell_type": 1,
+        "n_treatments": 8,
+        "n_positive_controls": 1,
+        "sites_per_well": 2,
+    }
+    res = tmp_path / "results"
+    images = tmp_path / "synthetic"
+    assert (
+        cli.main(
+            ["synthesize", "--config-json", json.dumps(syn), "--out-images", str(images / "images")]
+            + ["--out-metadata", str(images / "metadata.csv"), "--out-truth", str(images / "truth.csv")]
+        )
+        == 0
+    )
+    sites, classes = res / "sites.csv", res / "classes.json"
+    assert (
+        cli.main(
+            ["sites", "--source", "synthetic", "--root", str(images), "--out-sites", str(sites)]
+            + ["--out-truth", str(res / "test_truth.csv"), "--out-classes", str(classes)]
+        )
+        == 0
+    )
+    stacks, stats = [], []
+    for exp in ["HUVEC-01", "HUVEC-02", "HUVEC-03", "HUVEC-04"]:
+        for plate in (1, 2, 3, 4):
+            stack = res / "stacks" / exp / f"Plate{plate}.h5"
+            stat = res / "stats" / "plate" / exp / f"Plate{plate}.json"
+            args = [
+                "stack",
+                "--sites",
+                str(sites),
+                "--experiment",
+                exp,
+                "--plate",
+                str(plate),
+                "--out",
+                str(stack),
+            ]
+            assert cli.main(args) == 0
+            assert cli.main(["plate-stats", "--stack", str(stack), "--out", str(stat)]) == 0
+            stacks.append(str(stack))
+            stats.append(str(stat))
+    hp = json.dumps({**TINY, "input_size": 32, "epochs": 2, "batch_size": 8})
+    out = tmp_path / "model"
+    common = ["--sites", str(sites), "--stacks", *stacks, "--stats", *stats]
+    train_args = ["train", *common, "--classes", str(classes), "--hparams", hp, "--scope", "all"]
+    train_args += ["--val-experiments", "HUVEC-03", "--threads", "1", "--device", "cpu"]
+    train_args += ["--out-weights", str(out / "w.pt"), "--out-log", str(out / "log.csv")]
+    assert cli.main([*train_args, "--checkpoint-dir", str(out / "ckpt")]) == 0
+    pred = tmp_path / "pred.npz"
+    pred_args = ["predict", "--weights", str(out / "w.pt"), *common, "--cell-type", "HUVEC"]
+    pred_args += ["--experiments", "HUVEC-03", "HUVEC-04", "--out", str(pred), "--threads", "1"]
+    assert cli.main([*pred_args, "--num-workers", "0", "--device", "cpu"]) == 0
+    z = np.load(pred)
+    n_t = json.loads(classes.read_text())["n_treatments"]
+    assert z["probs"].shape == (len(z["well_id"]), n_t) and len(z["well_id"]) == 2 * 4 * n_t // 4
+    np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
+
+
+def test_bench_train_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "train", "--backbone", "resnet10t", "--input-size", "16", "--batch-size", "4"]
+    args += ["--steps", "2", "--warmup", "1", "--synthetic", "--num-workers", "0", "--threads", "1"]
+    assert cli.main([*args, "--mean-teacher", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["unlabelled_batch_size"] == 4 and result["ratio_full_over_model"] > 0
+    assert "ratio_full_over_model" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(screen, tmp_path):
+    """torchrun with 2 CPU processes (gloo): trains, rank 0 alone writes the outputs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "deepnoise", "train"]
+    cmd += ["--sites", str(screen.sites), "--classes", str(screen.classes)]
+    cmd += ["--stacks", *map(str, screen.stacks), "--stats", *map(str, screen.stats)]
+    cmd += ["--hparams", json.dumps({**TINY, "epochs": 2}), "--scope", "all", "--val-experiments", "HUVEC-02"]
+    cmd += ["--out-weights", str(tmp_path / "w.pt"), "--out-log", str(tmp_path / "log.csv")]
+    cmd += ["--checkpoint-dir", str(tmp_path / "ckpt"), "--threads", "1", "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert list(log["epoch"]) == [0, 1] and log["val_acc_teacher"].notna().all()
+    assert torch.load(tmp_path / "w.pt", weights_only=True)["epochs"] == 2

@@ -6,6 +6,8 @@ so augmentation is reproducible from the trainer's seed and costs a few kernels 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +77,7 @@ def random_erasing(
     b, _, h, w = x.shape
     r = _rand(5 * b, gen, x.device).view(5, b)
     frac = area[0] + (area[1] - area[0]) * r[0]
-    log_ratio = (r[1] * 2.0 - 1.0) * torch.log(torch.tensor(3.0, device=x.device))
+    log_ratio = (r[1] * 2.0 - 1.0) * math.log(3.0)
     ratio = log_ratio.exp()
     eh = (frac * ratio).sqrt().clamp(max=1.0) * h
     ew = (frac / ratio).sqrt().clamp(max=1.0) * w

@@ -222,7 +222,8 @@ class SoftmaxHead(nn.Module):
 
 
 class DeepNoiseNet(nn.Module):
-    """Backbone + optional dropout + head. ``forward(x)`` returns float32 logits ``(B, n_classes)``."""
+    """Backbone + optional dropout + head. ``forward(x)`` returns float32 logits ``(B, n_classes)``;
+    under autocast only the backbone runs in low precision."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, dropout: float = 0.0):
         super().__init__()
@@ -231,7 +232,10 @@ class DeepNoiseNet(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.backbone(x)))
+        emb = self.dropout(self.backbone(x))
+        # the head (normalisation, cosine, scale s) runs in float32 even under bf16 autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(emb.float())
 
 
 def model_config(cfg, n_classes: int, n_treatments: int) -> dict:

@@ -29,7 +29,7 @@ def run_predict(
     cell_type: str,
     experiments: list[str],
     out: str,
-    batch_size: int = 16,
+    batch_size: int = 32,
     threads: int | None = None,
     device: str = "auto",
     num_workers: int = 2,
@@ -65,7 +65,8 @@ def run_predict(
     mean, std = data.normalization_arrays(stats, mc["normalization"], index.keys)
     ds = data.StackDataset(index.files, wells)
     sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
-    loader = data.make_loader(ds, sampler, batch_size, num_workers, rt.cuda, drop_last=False)
+    wells_per_batch = max(1, int(batch_size) // 2)  # both sites of a well go through together
+    loader = data.make_loader(ds, sampler, wells_per_batch, num_workers, rt.cuda, drop_last=False)
     n_t = int(mc["n_treatments"])
     probs, order = predict_probs(
         net,
@@ -120,7 +121,12 @@ def register(subparsers) -> None:
     p.add_argument("--cell-type", required=True)
     p.add_argument("--experiments", nargs="+", required=True, help="experiments to predict")
     p.add_argument("--out", required=True, help="output npz")
-    p.add_argument("--batch-size", type=int, default=16, help="wells per batch (x2 sites x8 views)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sites per forward pass (even: both sites of a well), x8 views",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes")

@@ -330,13 +330,17 @@ class Trainer:
             self.forward_student = DistributedDataParallel(
                 self.student, device_ids=[rt.local_rank] if rt.cuda else None
             )
-        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=rt.cuda or None
+        )
         self.mean = torch.as_tensor(norm_mean, dtype=torch.float32, device=rt.device)
         self.std = torch.as_tensor(norm_std, dtype=torch.float32, device=rt.device)
         self.gen = torch.Generator(device=rt.device)
         self.gen.manual_seed(_seed_for(cfg.seed, rt.rank))
         self.step_count = 0
-        self.autocast = cfg.amp and rt.cuda
+        self.autocast = cfg.amp and rt.cuda and torch.cuda.is_bf16_supported()
+        if cfg.amp and rt.cuda and not self.autocast:
+            log.warning("amp: this GPU has no bfloat16 support; training in float32")
         self.crop_scale = tuple(cfg.aug_crop_scale) if cfg.aug_crop_scale is not None else None
 
     def start_epoch(self, epoch: int) -> float:
@@ -426,7 +430,16 @@ class Trainer:
         """Per-well treatment probabilities averaged over both sites (and 8 dihedral views if
         ``tta``), from ``(uint8 (B, 2, 6, H, W), norm_idx, ...)`` batches."""
         return predict_probs(
-            net, batch_iter, self.mean, self.std, self.rt, self.cfg.input_size, n_treatments, tta
+            net,
+            batch_iter,
+            self.mean,
+            self.std,
+            self.rt,
+            self.cfg.input_size,
+            n_treatments,
+            tta,
+            amp=self.cfg.amp,
+            channels_last=self.cfg.channels_last,
         )
 
 
@@ -448,6 +461,7 @@ def predict_probs(
     net.eval()
     out, order = [], []
     views = range(8) if tta else (0,)
+    amp = amp and rt.cuda and torch.cuda.is_bf16_supported()
     for batch in batches:
         x = batch[0].to(rt.device, non_blocking=rt.cuda)
         norm_idx = batch[1].to(rt.device, non_blocking=rt.cuda)
@@ -459,7 +473,7 @@ def predict_probs(
             v = augment.dihedral(x, k)
             if channels_last and rt.cuda:
                 v = v.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=amp and rt.cuda):
+            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(v)
             p = F.softmax(logits.float()[:, :n_treatments], dim=1)
             acc += p.view(b, 2, n_treatments).sum(dim=1)
@@ -598,6 +612,27 @@ def save_checkpoint(path: Path, trainer: Trainer, epoch: int, rows: list[dict], 
         torch.save(state, tmp)
 
 
+# hparams that do not change the trained weights: a checkpoint resumes across them
+RESUME_IGNORED = ("num_workers", "val_batch_size")
+
+
+def _resume_key(hparams: dict) -> dict:
+    return {k: v for k, v in hparams.items() if k not in RESUME_IGNORED}
+
+
+def inputs_fingerprint(files: list[str | None], extra: dict) -> str:
+    """Identity of a run's inputs: (path, size, mtime) of every input file plus ``extra``. A
+    checkpoint of other inputs (new stacks, pseudo labels, init weights) is not resumed."""
+    import hashlib
+
+    parts = [json.dumps(extra, sort_keys=True)]
+    for f in files:
+        if f:
+            st = os.stat(f)
+            parts.append(f"{f}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -678,17 +713,25 @@ def run_training(
     trainer = Trainer(cfg, mc, rt, mean, std, steps)
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    fingerprint = inputs_fingerprint(
+        [sites, classes, *stacks, *stats, init, pseudo_labels],
+        {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world},
+    )
     start_epoch, rows = 0, []
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("hparams") != dataclasses.asdict(cfg) or ckpt.get("model_config") != mc:
-            log.warning("%s: other hparams or data; starting from scratch", ckpt_path)
+        if (
+            _resume_key(ckpt.get("hparams", {})) != _resume_key(dataclasses.asdict(cfg))
+            or ckpt.get("model_config") != mc
+            or ckpt.get("inputs") != fingerprint
+        ):
+            log.warning("%s: other hparams or inputs; starting from scratch", ckpt_path)
         else:
             trainer.student.load_state_dict(ckpt["student"])
             trainer.teacher.load_state_dict(ckpt["teacher"])
             trainer.optimizer.load_state_dict(ckpt["optimizer"])
             trainer.step_count = int(ckpt["step_count"])
-            trainer.gen.set_state(ckpt["augment_generator"].to(trainer.gen.device))
+            trainer.gen.set_state(ckpt["augment_generator"])  # a CPU ByteTensor, CUDA too
             set_rng_state(ckpt["rng"])
             start_epoch, rows = int(ckpt["epoch"]) + 1, list(ckpt["log"])
             log.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
@@ -756,18 +799,19 @@ def run_training(
         row["seconds"] = time.perf_counter() - t0
         row["images_per_s"] = n_images * rt.world / max(seconds_train, 1e-9)
         rows.append({k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()})
-        log.info(
-            "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
-            epoch,
-            lr,
-            row.get("loss", math.nan),
-            row["val_acc_student"],
-            row["val_acc_teacher"],
-            row["seconds"],
-            row["images_per_s"],
-        )
         if rt.is_main:
-            save_checkpoint(ckpt_path, trainer, epoch, rows, {"scope": scope})
+            log.info(
+                "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
+                epoch,
+                lr,
+                row.get("loss", math.nan),
+                row["val_acc_student"],
+                row["val_acc_teacher"],
+                row["seconds"],
+                row["images_per_s"],
+            )
+        if rt.is_main:
+            save_checkpoint(ckpt_path, trainer, epoch, rows, {"scope": scope, "inputs": fingerprint})
         _barrier(rt)
         if fail_after_epoch is not None and epoch == fail_after_epoch:
             raise RuntimeError(f"injected failure after epoch {epoch}")
@@ -837,6 +881,10 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,215 @@
+"""``deepnoise bench train``: throughput of the full training step vs the model step alone.
+
+Full step = loader (HDF5 read in worker processes, pinned memory) + device copy + normalisation +
+augmentation + forward/backward/Adam + EMA teacher update, as in ``deepnoise train``. Model step =
+the same ``Trainer.step`` on one batch already on the device. Same run, same model; the ratio
+full/model shows whether data loading keeps up (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+from deepnoise import data, layout, models, train
+from deepnoise.atomic import atomic_path, write_text
+from deepnoise.errors import InputError
+
+
+def write_synthetic_plate(path: Path, n_wells: int, image_size: int, seed: int = 0) -> None:
+    """A random-image plate stack in the contract format (all wells treatments, 2 sites)."""
+    rng = np.random.default_rng(seed)
+    wells = [layout.INNER_WELLS[i % len(layout.INNER_WELLS)] for i in range(n_wells)]
+    if n_wells > len(layout.INNER_WELLS):
+        raise InputError(f"--synthetic: at most {len(layout.INNER_WELLS)} wells per plate")
+    n = 2 * n_wells
+    str_dt = h5py.string_dtype("utf-8")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        images = f.create_dataset(
+            "images", (n, 6, image_size, image_size), np.uint8, chunks=(1, 6, image_size, image_size)
+        )
+        for i in range(n):
+            images[i] = rng.integers(0, 256, (6, image_size, image_size), np.uint8)
+        well = [w for w in wells for _ in (1, 2)]
+        f.create_dataset("well", data=np.array(well, object), dtype=str_dt)
+        f.create_dataset("site", data=np.tile(np.array([1, 2], np.int8), n_wells))
+        f.create_dataset("well_type", data=np.array(["treatment"] * n, object), dtype=str_dt)
+        f.create_dataset("sirna_id", data=np.repeat(np.arange(n_wells, dtype=np.int32), 2))
+        f.create_dataset("dataset", data=np.array(["train"] * n, object), dtype=str_dt)
+        f.create_dataset("well_id", data=np.array([f"BENCH-01_1_{w}" for w in well], object), dtype=str_dt)
+        f.attrs.update(
+            experiment="BENCH-01",
+            plate=1,
+            cell_type="BENCH",
+            image_size=image_size,
+            source="bench",
+            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            deepnoise_version="bench",
+            n_sites=n,
+        )
+
+
+def _sync(rt: train.Runtime) -> None:
+    if rt.cuda:
+        torch.cuda.synchronize(rt.device)
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    rt = train.setup_runtime(args.device, args.threads)
+    if rt.cuda:
+        torch.backends.cudnn.benchmark = True
+    with tempfile.TemporaryDirectory(prefix="deepnoise-bench-") as tmpdir:
+        stacks = list(args.stacks or [])
+        if args.synthetic:
+            path = Path(tmpdir) / "Plate1.h5"
+            n_wells = min(max(args.batch_size + 8, 16), len(layout.INNER_WELLS))
+            write_synthetic_plate(path, n_wells, args.image_size or args.input_size)
+            stacks = [str(path)]
+        if not stacks:
+            raise InputError("bench train: give --stacks or --synthetic")
+        index = data.StackIndex.build(stacks)
+        wells = pd.concat(
+            [
+                pd.DataFrame({"experiment": k[0], "plate": k[1], "well": sorted({w for w, _ in rows})})
+                for k, rows in zip(index.keys, index.rows, strict=True)
+            ],
+            ignore_index=True,
+        )
+        wells = index.locate(wells)
+        n_classes = max(len(wells), 2)
+        labels = np.arange(len(wells)) % n_classes
+        cfg = train.TrainConfig.from_dict(
+            {
+                "backbone": args.backbone,
+                "batch_size": args.batch_size,
+                "input_size": args.input_size,
+                "num_workers": args.num_workers,
+                "amp": args.amp,
+                "channels_last": args.channels_last,
+                "mean_teacher": args.mean_teacher,
+                "head": args.head,
+            }
+        )
+        mean = np.full((len(index.files), 6), 128.0, np.float32)
+        std = np.full((len(index.files), 6), 64.0, np.float32)
+        mc = models.model_config(cfg, n_classes, n_classes)
+        trainer = train.Trainer(cfg, mc, rt, mean, std, steps_per_epoch=args.steps)
+        n_params = models.count_parameters(trainer.student)
+        trainer.start_epoch(0)
+        b_unl = cfg.unlabelled_per_step() if args.mean_teacher else 0
+        total_steps = args.steps + args.warmup
+
+        def loader(stream: int, batch: int, label_values):
+            ds = data.StackDataset(index.files, wells, label_values)
+            sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
+            return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
+
+        lab_loader = loader(0, args.batch_size, labels)
+        unl_loader = loader(1, b_unl, np.full(len(wells), -1)) if b_unl else None
+
+        def batches():
+            unl_iter = iter(unl_loader) if unl_loader is not None else None
+            for batch in lab_loader:
+                yield (
+                    trainer.to_device(batch),
+                    (trainer.to_device(next(unl_iter)) if unl_iter is not None else None),
+                )
+
+        images_per_step = args.batch_size + b_unl
+        # warm-up (cudnn autotuning, worker start) and one batch kept on the device
+        it = batches()
+        for _ in range(args.warmup):
+            lab, unl = next(it)
+            trainer.step(lab, unl)
+        _sync(rt)
+        if rt.cuda:
+            torch.cuda.reset_peak_memory_stats(rt.device)
+
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.step(lab, unl)
+        _sync(rt)
+        model_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n = 0
+        for lab, unl in batches():
+            trainer.step(lab, unl)
+            n += 1
+            if n == args.steps:
+                break
+        _sync(rt)
+        full_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n_load = 0
+        for _ in batches():
+            n_load += 1
+            if n_load == args.steps:
+                break
+        _sync(rt)
+        load_s = time.perf_counter() - t0
+
+    result = {
+        "backbone": args.backbone,
+        "parameters": n_params,
+        "device": torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "unlabelled_batch_size": b_unl,
+        "steps": args.steps,
+        "amp_bf16": bool(cfg.amp and rt.cuda),
+        "channels_last": bool(cfg.channels_last and rt.cuda),
+        "num_workers": cfg.num_workers,
+        "model_step_images_per_s": images_per_step * args.steps / model_s,
+        "full_step_images_per_s": images_per_step * n / full_s,
+        "loader_only_images_per_s": images_per_step * n_load / load_s,
+    }
+    result["ratio_full_over_model"] = result["full_step_images_per_s"] / result["model_step_images_per_s"]
+    if rt.cuda:
+        result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+    return result
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.bench_command != "train":
+        raise InputError(f"bench: unknown benchmark {args.bench_command!r}")
+    result = bench_train(args)
+    for key, value in result.items():
+        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    t = sub.add_parser("train", help="full training step vs model step alone", description=__doc__)
+    t.add_argument("--backbone", default="legacy_xception", help="timm name or xception_wide")
+    t.add_argument("--head", default="arcface", choices=["arcface", "softmax"])
+    t.add_argument("--input-size", type=int, default=512)
+    t.add_argument("--image-size", type=int, default=None, help="--synthetic image side (default input)")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    t.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--stacks", nargs="+", help="HDF5 plate stacks to read")
+    src.add_argument("--synthetic", action="store_true", help="write a temporary random plate")
+    t.add_argument("--num-workers", type=int, default=4)
+    t.add_argument("--mean-teacher", action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--json", help="also write the results as JSON")
+    t.set_defaults(func=_run)
