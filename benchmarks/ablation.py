@@ -17,6 +17,10 @@ vs ArcFace, + mean teacher, + second model, + balancing (iterative, exact), + ps
 Finished runs are reused: rerunning the command only runs what is missing (``--fresh`` starts over).
 
     python benchmarks/ablation.py [--seeds 1] [--cores 2] [--parallel 2] [--runs full arcface]
+
+Jobs use one thread each (config/ablation.yaml), so a run keeps up to ``--cores`` jobs busy; with
+``--parallel 2`` a one-model run trains beside the two-model run, which keeps both cores of a
+2-core machine busy most of the time.
     python benchmarks/ablation.py --table-only     # rebuild the table from the finished runs
 """
 
@@ -412,8 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="ablation config (runs, rows)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (work dirs under <out>/work)")
     ap.add_argument("--seeds", type=int, default=1, help="repeats of every run with shifted training seeds")
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores in all")
-    ap.add_argument("--parallel", type=int, default=2, help="runs side by side (cores split between them)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="snakemake --cores of each run")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="runs side by side (the longest first; one-model runs fill the cores the two-model run leaves)",
+    )
     ap.add_argument("--runs", nargs="*", help="only these runs (default: all)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
     ap.add_argument("--fresh", action="store_true", help="delete <out>/work first")
@@ -450,11 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 * len(run_config(base_cfg, study, rs[0], 0)["models"])
             ),
         )
-        parallel = max(1, min(args.parallel, args.cores, len(jobs)))
-        cores_each = max(1, args.cores // parallel)
-        print(f"{len(jobs)} runs, {parallel} at a time with {cores_each} core(s) each", flush=True)
+        parallel = max(1, min(args.parallel, len(jobs)))
+        print(f"{len(jobs)} runs, {parallel} at a time, --cores {args.cores} each", flush=True)
         with ThreadPoolExecutor(parallel) as pool:
-            futures = [pool.submit(run_one, base_cfg, study, work, r, s, cores_each) for r, s in jobs]
+            futures = [pool.submit(run_one, base_cfg, study, work, r, s, args.cores) for r, s in jobs]
             timings += [f.result() for f in futures]
     wall = time.perf_counter() - t0
 
