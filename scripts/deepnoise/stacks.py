@@ -133,7 +133,7 @@ def write_stack(
         direct = not kwargs
         for i, site in enumerate(iter_sites(prefixes, threads, shape)):
             if direct:  # no filter pipeline: hand the chunk bytes straight to HDF5
-                images.id.write_direct_chunk((i, 0, 0, 0), site.tobytes())
+                images.id.write_direct_chunk((i, 0, 0, 0), site)
             else:
                 images[i] = site
         for col in STR_COLUMNS:
