@@ -10,7 +10,6 @@ from deepnoise.errors import InputError
 
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory):
-    tf.ensure_stats()
     return tf.make_screen(tmp_path_factory.mktemp("screen"), n_treatments=4, wells_per_treatment=1)
 
 

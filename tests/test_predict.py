@@ -9,7 +9,6 @@ from deepnoise.errors import InputError
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tf.ensure_stats()
     root = tmp_path_factory.mktemp("pred")
     screen = tf.make_screen(root, image_size=16, wells_per_treatment=2)
     tf.train_tiny(screen, root, {"epochs": 1})

@@ -16,7 +16,6 @@ _run = tf.train_tiny
 
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory):
-    tf.ensure_stats()
     return tf.make_screen(tmp_path_factory.mktemp("screen"), image_size=16, wells_per_treatment=2)
 
 

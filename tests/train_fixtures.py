@@ -3,10 +3,7 @@ the training tests, with a class-dependent signal and per-plate technical offset
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from deepnoise import layout
+from deepnoise.stats import plate_stats
 
 
 @dataclass
@@ -52,36 +50,6 @@ def write_stack(path: Path, experiment: str, plate: int, cell_type: str, rows: p
             deepnoise_version="test",
             n_sites=len(rows),
         )
-
-
-def _stats_json(images: np.ndarray, neg: np.ndarray, experiment: str, plate: int, cell_type: str) -> dict:
-    """Plate statistics in the format of ``deepnoise.stats.plate_stats``."""
-
-    def part(x: np.ndarray) -> dict:
-        n_sites = len(x)
-        x = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(6, -1)
-        count, s, ss = x.shape[1], x.sum(1), (x * x).sum(1)
-        mean = s / count
-        return {
-            "n_sites": n_sites,
-            "count": [int(count)] * 6,
-            "sum": s.tolist(),
-            "sumsq": ss.tolist(),
-            "mean": mean.tolist(),
-            "std": np.sqrt(np.maximum(ss / count - mean**2, 0)).tolist(),
-        }
-
-    return {
-        "level": "plate",
-        "experiment": experiment,
-        "plate": plate,
-        "cell_type": cell_type,
-        "plates": [[experiment, plate]],
-        "experiments": [experiment],
-        "cell_types": [cell_type],
-        "all": part(images),
-        "negative_control": part(neg),
-    }
 
 
 def make_screen(
@@ -151,10 +119,9 @@ def make_screen(
                 path = root / "stacks" / experiment / f"Plate{plate}.h5"
                 write_stack(path, experiment, plate, cell_type, df, arr)
                 stacks.append(path)
-                neg = arr[(df["well_type"] == "negative_control").to_numpy()]
                 spath = root / "stats" / "plate" / experiment / f"Plate{plate}.json"
                 spath.parent.mkdir(parents=True, exist_ok=True)
-                spath.write_text(json.dumps(_stats_json(arr, neg, experiment, plate, cell_type)))
+                spath.write_text(json.dumps(plate_stats(path)))
                 stats.append(spath)
     sites = root / "sites.csv"
     pd.concat(site_rows).to_csv(sites, index=False)
@@ -162,34 +129,6 @@ def make_screen(
     names = [f"s{i:05d}" for i in range(n_treatments + n_positive)] + ["EMPTY"]
     classes.write_text(json.dumps({"n_treatments": n_treatments, "n_controls": n_controls, "sirnas": names}))
     return Screen(root, sites, classes, stacks, stats, experiments, n_treatments, n_controls, truth)
-
-
-def _fallback_normalization_table(files, mode):
-    """Plate/none modes from plate JSON files, used only until ``deepnoise.stats`` exists."""
-    out = {}
-    for f in files:
-        d = json.loads(Path(f).read_text())
-        key = (d["experiment"], int(d["plate"]))
-        if mode == "none":
-            out[key] = ([0.0] * 6, [255.0] * 6)
-        elif mode == "negative_control":
-            out[key] = (d["negative_control"]["mean"], d["negative_control"]["std"])
-        else:
-            out[key] = (d["all"]["mean"], d["all"]["std"])
-    return out
-
-
-def ensure_stats() -> None:
-    """Make ``deepnoise.stats.normalization_table`` importable (a fallback until stats.py lands)."""
-    try:
-        mod = importlib.import_module("deepnoise.stats")
-        if hasattr(mod, "normalization_table"):
-            return
-    except ImportError:
-        pass
-    fake = types.ModuleType("deepnoise.stats")
-    fake.normalization_table = _fallback_normalization_table
-    sys.modules["deepnoise.stats"] = fake
 
 
 TINY = dict(

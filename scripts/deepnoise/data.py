@@ -289,3 +289,31 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def device_batches(loader, device: torch.device) -> Iterator[list]:
+    """Iterate ``loader`` with its tensors on ``device``. On CUDA the next batch is copied on a side
+    stream (from pinned memory) while the current one is used, so the host-to-device copy overlaps
+    the training step; on the CPU the batches pass through."""
+    if device.type != "cuda":
+        yield from loader
+        return
+    stream = torch.cuda.Stream(device)
+    it = iter(loader)
+
+    def fetch():
+        batch = next(it, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            return [t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in batch]
+
+    nxt = fetch()
+    while nxt is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(stream)
+        for t in nxt:
+            if torch.is_tensor(t):
+                t.record_stream(current)  # the side stream's allocation is used on this stream
+        batch, nxt = nxt, fetch()
+        yield batch

@@ -365,6 +365,7 @@ class Trainer:
         return x
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(images, norm_idx, labels)`` on the device (a no-op for ``data.device_batches``)."""
         x, norm_idx, labels = batch[0], batch[1], batch[2]
         nb = self.rt.cuda
         return (
@@ -777,10 +778,10 @@ def run_training(
         unl_iter = None
         if unl_loader is not None:
             unl_sampler.set_epoch(epoch)
-            unl_iter = iter(unl_loader)
+            unl_iter = data.device_batches(unl_loader, rt.device)
         sums: dict[str, torch.Tensor] = {}
         n_images = 0
-        for i, batch in enumerate(lab_loader):
+        for i, batch in enumerate(data.device_batches(lab_loader, rt.device)):
             lab = trainer.to_device(batch)
             unl = trainer.to_device(next(unl_iter)) if unl_iter is not None else None
             terms = trainer.step(lab, unl, epoch + i / steps)
