@@ -78,6 +78,9 @@ def test_tiny_model_beats_chance(screen, tmp_path):
     assert log["val_acc_teacher"].iloc[-1] > 3 * chance, log
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
     assert w["scope"] == "all"
+    # fewer labelled wells than the batch size: the batch shrinks to them (one step per epoch)
+    small = _run(screen, tmp_path / "small", cfg={"epochs": 1, "batch_size": 500})
+    assert small["epochs"] == 1
     train.plot_log(tmp_path / "log.csv", tmp_path / "log.png")
     assert (tmp_path / "log.png").stat().st_size > 1000
 

@@ -160,10 +160,11 @@ class TrainConfig:
         ):
             bad("aug_crop_scale", "expected [min, max] with 0 < min <= max <= 1")
 
-    def unlabelled_per_step(self) -> int:
+    def unlabelled_per_step(self, labelled: int | None = None) -> int:
+        """Unlabelled images per step for ``labelled`` (default ``batch_size``) labelled ones."""
         if self.unlabelled_batch_size is not None:
             return int(self.unlabelled_batch_size)
-        return int(round(self.unlabelled_ratio * self.batch_size))
+        return int(round(self.unlabelled_ratio * (self.batch_size if labelled is None else labelled)))
 
     def lr_at(self, epoch: int) -> float:
         lr = self.lr
@@ -704,11 +705,17 @@ def run_training(
     td = select_wells(site_table, class_info, index, cfg, scope, list(val_experiments), pseudo)
     mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
 
-    b_lab, b_unl = cfg.batch_size, cfg.unlabelled_per_step()
     n_lab = len(td.labelled)
-    steps = (-(-n_lab // rt.world)) // b_lab
-    if steps < 1:
-        raise InputError(f"scope {scope}: {n_lab} labelled wells < batch_size {b_lab} x {rt.world} processes")
+    per_rank = -(-n_lab // rt.world)
+    if per_rank < 2:
+        raise InputError(f"scope {scope}: {n_lab} labelled wells, too few for {rt.world} process(es)")
+    b_lab = min(cfg.batch_size, per_rank)
+    if b_lab < cfg.batch_size:
+        log.warning(
+            "scope %s: %d labelled wells; batch size %d instead of %d", scope, n_lab, b_lab, cfg.batch_size
+        )
+    b_unl = cfg.unlabelled_per_step(b_lab)
+    steps = per_rank // b_lab
     use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or pseudo is not None)
     mc = models.model_config(cfg, td.n_classes, td.n_treatments)
     trainer = Trainer(cfg, mc, rt, mean, std, steps)
