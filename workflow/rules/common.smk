@@ -16,6 +16,7 @@ sys.path.insert(0, SCRIPTS)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={SCRIPTS}; ")
 
 from deepnoise import layout  # noqa: E402
+from deepnoise.hparams import TrainConfig  # noqa: E402
 
 CONDA_ENV = "../../envs/deepnoise.yaml"
 
@@ -142,6 +143,17 @@ def train_hparams(model):
 def finetune_hparams(model):
     hp = {**config["train"], **config["models"][model], **config["finetune"]}
     return json.dumps(hp, sort_keys=True)
+
+
+# Fail before anything runs when a model's merged training keys are unknown or mistyped.
+for _m in MODELS:
+    TrainConfig.from_dict(
+        json.loads(train_hparams(_m)), source=f"config train + models.{_m}"
+    )
+    TrainConfig.from_dict(
+        json.loads(finetune_hparams(_m)),
+        source=f"config train + models.{_m} + finetune",
+    )
 
 
 def previous_pseudo_labels(wildcards):
