@@ -7,7 +7,7 @@ import pytest
 import torch
 import train_fixtures as tf
 
-from deepnoise import cli, train
+from deepnoise import cli, hparams, train
 from deepnoise.errors import InputError
 
 TINY = tf.TINY
@@ -33,7 +33,7 @@ def test_config_defaults_and_errors():
     assert train.TrainConfig.from_dict({"lr": 1}).lr == 1.0
     assert train.TrainConfig.from_dict({"pretrained": "/x.pth"}).pretrained == "/x.pth"
     # every field is documented (the workflow config mirrors the docstrings)
-    src = open(train.__file__).read()
+    src = open(hparams.__file__).read()
     for name in train.TrainConfig.__dataclass_fields__:
         line = next(ln for ln in src.splitlines() if ln.strip().startswith(f"{name}:"))
         after = src.split(line, 1)[1].lstrip()
