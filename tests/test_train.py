@@ -1,5 +1,6 @@
 import json
 import logging
+import sys
 
 import numpy as np
 import pandas as pd
@@ -225,3 +226,13 @@ def test_ddp_two_cpu_processes(screen, tmp_path):
     log = pd.read_csv(tmp_path / "log.csv")
     assert list(log["epoch"]) == [0, 1] and log["val_acc_teacher"].notna().all()
     assert torch.load(tmp_path / "w.pt", weights_only=True)["epochs"] == 2
+
+
+def test_several_gpus_relaunch_through_torchrun(monkeypatch):
+    """A job given several GPUs reruns itself under torch.distributed.run, one process per GPU."""
+    monkeypatch.setattr(sys, "argv", ["deepnoise", "train", "--scope", "all"])
+    cmd = train.ddp_launch_command(sys.argv[1:], 4)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[5:] == ["-m", "deepnoise", "train", "--scope", "all"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert train._visible_gpus("auto") == 0

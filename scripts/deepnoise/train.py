@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -697,8 +699,34 @@ def plot_log(log_csv: str | os.PathLike, png: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def ddp_launch_command(argv: list[str], n_gpus: int) -> list[str]:
+    """The ``torchrun`` command that reruns this ``deepnoise`` invocation on ``n_gpus`` processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n_gpus}",
+        "-m",
+        "deepnoise",
+        *argv,
+    ]
+
+
+def _visible_gpus(device: str) -> int:
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
 def _main(args: argparse.Namespace) -> int:
     cfg = load_hparams(args.hparams)
+    n_gpus = _visible_gpus(args.device)
+    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        # A job given several GPUs (Slurm: gpu=N) trains with DDP, one process per GPU.
+        cmd = ddp_launch_command(sys.argv[1:], n_gpus)
+        log.info("%d GPUs visible: relaunching with DDP: %s", n_gpus, " ".join(cmd[:6]))
+        return subprocess.run(cmd, check=False).returncode
     run_training(
         sites=args.sites,
         classes=args.classes,
