@@ -1,5 +1,5 @@
 # One-command entry points. Each target creates the virtual environment when it is missing.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 CORES  ?= all
 CONFIG ?= config/config.yaml
@@ -9,9 +9,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: setup demo test test-fast lint format dryrun dag rulegraph report bench ablation clean
 
 $(VENV)/.installed: pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (torch 2.14.1 wheels are for CPython 3.11)"; exit 1; }
+	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" || { echo "need CPython 3.11 (the pinned torch 2.14.1 wheels); set PYTHON=..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[workflow,dev]'
 	touch $@
 

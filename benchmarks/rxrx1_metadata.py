@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from deepnoise.layout import INNER_WELLS
+from deepnoise.layout import INNER_WELLS, RXRX1_COLUMNS
 
 # (cell type, train experiments, test experiments) as in RxRx1
 RXRX1_EXPERIMENTS = (("HUVEC", 16, 8), ("RPE", 7, 4), ("HEPG2", 7, 4), ("U2OS", 3, 2))
@@ -57,20 +57,7 @@ def metadata(n_experiments: int) -> pd.DataFrame:
                             sirna_id,
                         )
                     )
-    columns = [
-        "site_id",
-        "well_id",
-        "cell_type",
-        "dataset",
-        "experiment",
-        "plate",
-        "well",
-        "site",
-        "well_type",
-        "sirna",
-        "sirna_id",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=list(RXRX1_COLUMNS))
 
 
 def main() -> None:
