@@ -50,9 +50,12 @@ DEFAULT_CONFIG = REPO / "config" / "ablation.yaml"
 DEFAULT_OUT = REPO / "results" / "ablation"
 SHARED_SECTIONS = ("data", "synthetic", "split")
 SPLITS = ("validation", "test")
+# the accuracies of a row: each split, and both pooled (twice the wells: the ordering verdicts use it)
+SCORES = (*SPLITS, "pooled")
 TABLE_COLUMNS = (
     "id", "group", "label", "run", "stage", "round", "seeds",
-    "validation_mean", "validation_sd", "test_mean", "test_sd", "n_validation", "n_test", "paper",
+    "validation_mean", "validation_sd", "test_mean", "test_sd", "pooled_mean", "pooled_sd",
+    "n_validation", "n_test", "n_pooled", "paper",
 )  # fmt: skip
 
 
@@ -254,7 +257,10 @@ def stage_accuracy(metrics: dict, stage: str, split: str) -> dict | None:
 def long_table(
     study: dict, metrics_of: Callable[[str, int], dict[int, dict]], seeds: Sequence[int]
 ) -> pd.DataFrame:
-    """One line per row and seed: accuracy (%) and wells per split. Missing runs/rounds are skipped."""
+    """One line per row and seed: accuracy (%) and wells per split and pooled over both splits.
+
+    Runs or rounds without metrics are skipped; a split that is not scored is NaN with 0 wells.
+    """
     lines = []
     cache: dict[tuple[str, int], dict[int, dict]] = {}
     for seed in seeds:
@@ -266,13 +272,18 @@ def long_table(
             if m is None:
                 continue
             line = {"id": row["id"], "seed": seed}
+            correct = n = 0
             for split in SPLITS:
                 acc = stage_accuracy(m, row["stage"], split)
                 ok = acc is not None and acc["accuracy"] is not None
                 line[split] = 100.0 * acc["accuracy"] if ok else np.nan
                 line[f"n_{split}"] = acc["n"] if ok else 0
+                if ok:
+                    correct, n = correct + acc["correct"], n + acc["n"]
+            line["pooled"] = 100.0 * correct / n if n else np.nan
+            line["n_pooled"] = n
             lines.append(line)
-    return pd.DataFrame(lines, columns=["id", "seed", *SPLITS, *(f"n_{s}" for s in SPLITS)])
+    return pd.DataFrame(lines, columns=["id", "seed", *SCORES, *(f"n_{s}" for s in SCORES)])
 
 
 def summarise(study: dict, long: pd.DataFrame) -> pd.DataFrame:
@@ -282,7 +293,7 @@ def summarise(study: dict, long: pd.DataFrame) -> pd.DataFrame:
         g = long[long["id"] == row["id"]]
         line = {k: row.get(k) for k in ("id", "group", "label", "run", "stage")}
         line |= {"round": int(row.get("round", 0)), "seeds": len(g), "paper": row.get("paper", np.nan)}
-        for split in SPLITS:
+        for split in SCORES:
             vals = g[split].dropna()
             line[f"{split}_mean"] = vals.mean() if len(vals) else np.nan
             line[f"{split}_sd"] = vals.std(ddof=1) if len(vals) > 1 else np.nan
@@ -299,7 +310,7 @@ def binomial_se(acc_pct: float, n_wells: int) -> float:
     return 100.0 * math.sqrt(max(p * (1 - p), 0.25 / n_wells) / n_wells)
 
 
-def check_ordering(study: dict, table: pd.DataFrame, split: str = "validation") -> pd.DataFrame:
+def check_ordering(study: dict, table: pd.DataFrame, split: str = "pooled") -> pd.DataFrame:
     """The paper's expected ``a < b`` pairs on ``split``: difference and a noise scale.
 
     ``noise`` is the larger of the seed spread of the difference and the binomial standard error of
@@ -337,8 +348,8 @@ def markdown(table: pd.DataFrame, checks: pd.DataFrame | None = None, footer: st
     """The table as GitHub markdown (accuracy %, mean ± sd over seeds), then the ordering checks."""
     seeds = sorted({int(n) for n in table["seeds"] if n > 0})
     lines = [
-        "| step | run | stage | round | validation acc. % | test acc. % | paper % |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| step | run | stage | round | validation acc. % | test acc. % | both % | paper % |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table.itertuples():
         paper = (
@@ -346,7 +357,7 @@ def markdown(table: pd.DataFrame, checks: pd.DataFrame | None = None, footer: st
         )
         lines.append(
             f"| {r.label} | {r.run} | {r.stage} | {r.round} | {_fmt(r.validation_mean, r.validation_sd)}"
-            f" | {_fmt(r.test_mean, r.test_sd)} | {paper} |"
+            f" | {_fmt(r.test_mean, r.test_sd)} | {_fmt(r.pooled_mean, r.pooled_sd)} | {paper} |"
         )
     n_val = int(table["n_validation"].max()) if len(table) else 0
     n_test = int(table["n_test"].max()) if len(table) else 0
@@ -358,19 +369,26 @@ def markdown(table: pd.DataFrame, checks: pd.DataFrame | None = None, footer: st
     if checks is not None and len(checks):
         lines += [
             "",
-            "| paper's ordering | validation Δ pp (noise) | verdict | test Δ pp (noise) | verdict |",
-            "| --- | ---: | --- | ---: | --- |",
+            "| paper's ordering | validation Δ pp | test Δ pp | both Δ pp (noise) | verdict (both) |",
+            "| --- | ---: | ---: | ---: | --- |",
         ]
         for (lower, higher), g in checks.groupby(["lower", "higher"], sort=False):
+            by = g.set_index("split")
             cells = []
-            for split in SPLITS:
-                c = g[g["split"] == split]
-                if c.empty or math.isnan(c["diff"].iloc[0]):
-                    cells += ["–", "missing"]
-                    continue
-                c = c.iloc[0]
-                cells += [f"{c['diff']:+.1f} ({c['noise']:.1f})", c["verdict"]]
+            for split in SCORES:
+                d = by["diff"].get(split, np.nan)
+                cells.append("–" if math.isnan(d) else f"{d:+.1f}")
+            pooled = by.loc["pooled"] if "pooled" in by.index else None
+            if pooled is not None and not math.isnan(pooled["diff"]):
+                cells[-1] += f" ({pooled['noise']:.1f})"
+            cells.append(pooled["verdict"] if pooled is not None else "missing")
             lines.append(f"| {lower} < {higher} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Verdicts on both splits pooled: `holds` when the gain exceeds the noise (binomial standard error"
+            " of the difference, or the seed spread when larger), `within noise` otherwise, `reversed` when"
+            " the loss exceeds it.",
+        ]
     if footer:
         lines += ["", footer]
     return "\n".join(lines) + "\n"
@@ -472,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     long = long_table(study, metrics_of, seeds)
     table = summarise(study, long)
-    checks = pd.concat([check_ordering(study, table, s) for s in SPLITS], ignore_index=True)
+    checks = pd.concat([check_ordering(study, table, s) for s in SCORES], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format="%.4f")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")

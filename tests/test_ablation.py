@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -148,6 +149,8 @@ def test_long_table_and_summary_over_seeds():
     assert table.loc["a1", "validation_mean"] == pytest.approx(55.0)
     assert table.loc["a1", "validation_sd"] == pytest.approx(np.std([50, 60], ddof=1))
     assert table.loc["a1", "test_mean"] == pytest.approx(45.0)
+    assert table.loc["a1", "pooled_mean"] == pytest.approx(50.0)  # (50 + 40) / 2 and (60 + 50) / 2
+    assert table.loc["a1", "n_pooled"] == 160
     assert table.loc["a1", "paper"] == 50.0
     assert table.loc["b1", "validation_mean"] == pytest.approx(80.0)
     assert table.loc["b2", "seeds"] == 1 and math.isnan(table.loc["b2", "validation_sd"])
@@ -167,6 +170,7 @@ def test_unscored_test_split_is_nan():
     long = ablation.long_table(study, lambda r, s: metrics[r][s], [0])
     assert math.isnan(long["test"].iloc[0]) and long["n_test"].iloc[0] == 0
     assert long["validation"].iloc[0] == pytest.approx(50.0)
+    assert long["pooled"].iloc[0] == pytest.approx(50.0) and long["n_pooled"].iloc[0] == 80
 
 
 def test_ordering_verdicts():
@@ -205,13 +209,13 @@ def test_binomial_se():
 def test_markdown_and_plot(tmp_path):
     long = ablation.long_table(STUDY, _metrics_of, [0, 1])
     table = ablation.summarise(STUDY, long)
-    checks = ablation.check_ordering(STUDY, table, "validation")
+    checks = pd.concat([ablation.check_ordering(STUDY, table, s) for s in ablation.SCORES])
     md = ablation.markdown(table, checks, footer="Command: `x`")
     lines = md.splitlines()
     assert lines[0].startswith("| step | run | stage | round |")
-    assert "| A | a | m1 | 0 | 55.0 ± 7.1 | 45.0 ± 7.1 | 50 |" in lines
-    assert "| B round 1 | b | balanced | 1 | 95.0 | 90.0 |  |" in lines
-    assert "| a1 < b1 | +25.0 (" in md and "holds" in md
+    assert "| A | a | m1 | 0 | 55.0 ± 7.1 | 45.0 ± 7.1 | 50.0 ± 7.1 | 50 |" in lines
+    assert "| B round 1 | b | balanced | 1 | 95.0 | 90.0 | 92.5 |  |" in lines
+    assert "| a1 < b1 | +25.0 | +25.0 | +25.0 (" in md and "holds |" in md
     assert "Seeds per row: 1/2" in md and md.rstrip().endswith("Command: `x`")
     ablation.plot(table, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
