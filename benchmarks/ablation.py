@@ -12,7 +12,8 @@ vs ArcFace, + mean teacher, + second model, + balancing (iterative, exact), + ps
    balanced ensemble are stages of a round's metrics JSON; ``balance:<method>`` rows re-balance the
    round's ensemble npz (``deepnoise.balance``) and score it (``deepnoise.evaluate``).
 4. ``<out>/table.tsv``, ``table.md`` (also printed), ``runs.tsv`` (one line per row and seed),
-   ``timings.tsv`` and ``ablation.png`` (mean over seeds, error bars = standard deviation).
+   ``ordering.tsv`` (the paper's expected order, checked), ``timings.tsv``, ``run.json`` (command,
+   wall time) and ``ablation.png`` (mean over seeds, error bars = standard deviation).
 
 Finished runs are reused: rerunning the command only runs what is missing (``--fresh`` starts over).
 
@@ -428,6 +429,17 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def footer_text(run_json: Path, cmd: str) -> str:
+    """The command and wall time of the last run that trained (``run.json``), else just ``cmd``."""
+    if not run_json.exists():
+        return f"Command: `{cmd}`"
+    info = json.loads(run_json.read_text())
+    return (
+        f"Command: `{info['command']}`; wall time {info['wall_minutes']:.1f} min with --cores {info['cores']}"
+        f" ({info['cpus']} CPUs, {info['machine']}), {info['runs']} runs, finished {info['finished']}."
+    )
+
+
 # ---------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -495,14 +507,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format="%.4f")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
     checks.to_csv(out / "ordering.tsv", sep="\t", index=False, float_format="%.4f")
-    cmd = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    footer = f"Command: `{cmd.strip()}`"
+    cmd = ("python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if timings:
         pd.DataFrame(timings).to_csv(out / "timings.tsv", sep="\t", index=False)
-        footer += (
-            f"; wall time {wall / 60:.1f} min with --cores {args.cores} ({os.cpu_count()} CPUs,"
-            f" {platform.machine()}), {len(timings) - 1} runs."
-        )
+        run_info = {
+            "command": cmd,
+            "wall_minutes": round(wall / 60, 1),
+            "cores": args.cores,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "runs": len(timings) - 1,
+            "finished": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    footer = footer_text(out / "run.json", cmd)
     md = markdown(table, checks, footer)
     (out / "table.md").write_text(md)
     plot(table, out / "ablation.png")

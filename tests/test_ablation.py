@@ -250,3 +250,23 @@ def test_rebalanced_stage_scores_and_caches(tmp_path):
     study = {"rows": [{"id": "x", "run": "r", "stage": "balance:iterative"}]}
     loaded = ablation.load_run_metrics(tmp_path, study, "r")
     assert [s["stage"] for s in loaded[0]["stages"]] == ["balance:iterative"]
+
+
+def test_footer_from_run_json(tmp_path):
+    assert (
+        ablation.footer_text(tmp_path / "run.json", "python x --table-only")
+        == "Command: `python x --table-only`"
+    )
+    info = {
+        "command": "python benchmarks/ablation.py --seeds 1",
+        "wall_minutes": 21.04,
+        "cores": 2,
+        "cpus": 2,
+    }
+    (tmp_path / "run.json").write_text(
+        json.dumps(info | {"machine": "x86_64", "runs": 6, "finished": "2026-01-01 10:00"})
+    )
+    text = ablation.footer_text(tmp_path / "run.json", "python x --table-only")
+    assert text.startswith(
+        "Command: `python benchmarks/ablation.py --seeds 1`; wall time 21.0 min with --cores 2"
+    )
