@@ -36,9 +36,11 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 GPU_RULES = {"train", "finetune", "predict"}
 
-# Test-speed overrides of the profile: poll Slurm every second instead of after 40 s / every 10 s, and
-# run at most 4 jobs at once on this small machine. Everything else comes from profiles/slurm.
-FAST = ["--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1"]
+# Test-speed overrides of the profile: first status query after 2 s instead of 40 s (the plugin adds
+# 10 s per query that sees no job finish, so queries come 2, 14, 36 s after a submission: 2 s catches the
+# ~12 s jobs of the tiny config at the second query, 1 s would miss them until the third), and at most
+# 4 jobs at once on this small machine. Everything else comes from profiles/slurm.
+FAST = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
 JOBS = ["--jobs", "4"]
 
 
