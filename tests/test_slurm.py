@@ -3,7 +3,7 @@
 A module fixture starts a single-node cluster on loopback (tests/slurm/start-cluster.sh: munged,
 slurmctld, slurmd, two fake GPUs; installs the Debian packages when missing) and stops exactly its
 daemons afterwards. What the jobs did is read back from the scheduler, not from snakemake: the job
-completion log (JobCompType=jobcomp/filetxt: JobId, Name, JobState, TimeLimit, Tres) and
+completion log (JobCompType=jobcomp/filetxt: JobId, Name, JobState, ExitCode, TimeLimit, ProcCnt) and
 `scontrol -d show job` (Comment = the rule, JOB_GRES = the GPUs allocated).
 
 Needs root. Not root, no apt-get, or a cluster that does not start: the tests fail with the reason.
