@@ -40,7 +40,7 @@ format: setup
 	ruff check --fix scripts tests benchmarks
 	snakefmt workflow
 
-## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz's dot)
+## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz: apt-get install graphviz)
 dryrun: setup
 	$(SMK) -n --cores 1
 dag: setup
@@ -54,10 +54,16 @@ rulegraph: dag
 report: setup
 	$(SMK) --report report.html --cores 1
 
+## bench: ingest, balancing, training-loader and DAG benchmarks (each prints a table)
 bench: setup
 	python benchmarks/bench_ingest.py
 	python benchmarks/bench_balance.py
-	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32
+	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32 --num-workers 1 --threads 1
+	python benchmarks/bench_dag.py
+
+## ablation: the paper's Fig. 3 ladder on the synthetic screen (results/ablation/)
+ablation: setup
+	python benchmarks/ablation.py
 
 clean:
 	rm -rf results logs resources .snakemake report.html dag
