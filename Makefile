@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 ## demo: the whole method on the embedded synthetic screen, then the accuracy table
 demo: setup
 	$(SMK) --cores $(CORES)
-	@echo; echo "== results/summary.tsv =="; cat results/summary.tsv
+	@echo; echo "== accuracy per round and stage (results/summary.txt) =="; cat results/summary.txt
 
 ## test: the test suite (unit tests, real snakemake runs on tiny data, the loopback Slurm cluster)
 test: setup

@@ -38,6 +38,7 @@ def test_run_outputs(finished):
     workdir, cfg = finished
     summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
     assert set(summary["round"]) == {0, 1}
+    assert "balanced" in (workdir / "results/summary.txt").read_text()
     sub = pd.read_csv(workdir / "results/submission.csv")
     assert list(sub.columns) == ["id_code", "sirna"]
     truth = pd.read_csv(workdir / "results/test_truth.csv")

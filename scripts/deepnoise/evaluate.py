@@ -268,7 +268,10 @@ def load_metrics(path: str | os.PathLike) -> dict:
 def _run_summary(args: argparse.Namespace) -> int:
     df = summary_table([load_metrics(p) for p in args.metrics])
     _write_csv(df, args.out, sep="\t", float_format="%.6f")
-    print(format_summary(df))
+    text = format_summary(df)
+    if args.out_text:
+        write_text(args.out_text, text + "\n")
+    print(text)
     return 0
 
 
@@ -310,4 +313,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files (one per round)")
     p.add_argument("--out", required=True, help="summary TSV")
+    p.add_argument("--out-text", help="the same as a readable table (round x stage, split/cell type)")
     p.set_defaults(func=_run_summary)

@@ -91,6 +91,7 @@ SITES = "results/sites.csv"
 TRUTH = "results/test_truth.csv"
 CLASSES = "results/classes.json"
 SUMMARY = "results/summary.tsv"
+SUMMARY_TEXT = "results/summary.txt"
 SUBMISSION = "results/submission.csv"
 
 

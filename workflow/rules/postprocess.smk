@@ -81,10 +81,12 @@ rule summary:
     input:
         [metrics(r) for r in ROUNDS],
     output:
-        report(SUMMARY, caption="../report/summary.rst", category="Accuracy"),
+        table=report(SUMMARY, caption="../report/summary.rst", category="Accuracy"),
+        text=SUMMARY_TEXT,
     log:
         "logs/summary.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise summary --metrics {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise summary --metrics {input} --out {output.table}"
+        " --out-text {output.text} > {log} 2>&1"

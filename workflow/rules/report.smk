@@ -28,7 +28,7 @@ rule plot_accuracy:
     output:
         report(
             "results/plots/{kind}.png",
-            caption="../report/{kind}.rst",
+            caption="../report/accuracy.rst",
             category="Accuracy",
         ),
     log:
@@ -75,5 +75,8 @@ rule plot_composites:
         CONDA_ENV
     params:
         n=int(config["report"]["composites"]),
+        # rxrx1-utils' fixed intensity ranges fit real images; the synthetic ones need per-image ranges
+        scale="percentile" if SOURCE == "synthetic" else "rxrx1",
     shell:
-        "python -m deepnoise plot-composites --stack {input} --n {params.n} --out {output} > {log} 2>&1"
+        "python -m deepnoise plot-composites --stack {input} --n {params.n} --scale {params.scale}"
+        " --out {output} > {log} 2>&1"
