@@ -159,4 +159,11 @@ def test_submission(tmp_path):
 
     with pytest.raises(InputError, match="T-01_2_B05"):
         submission_table(load_predictions(tmp_path / "b.npz"), sites)
+    # a submission for a subset of cell types checks only their wells
+    sites.loc[len(sites) - 1, "cell_type"] = "U"
+    assert len(submission_table(load_predictions(tmp_path / "b.npz"), sites, ["T"])) == 2
+    with pytest.raises(InputError, match="T-01_2_B05"):
+        submission_table(load_predictions(tmp_path / "b.npz"), sites, ["T", "U"])
+    with pytest.raises(InputError, match="'Z'"):
+        submission_table(load_predictions(tmp_path / "b.npz"), sites, ["Z"])
     assert summary_table([]).empty

@@ -207,15 +207,26 @@ def format_summary(df: pd.DataFrame) -> str:
     return wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="-")
 
 
-def submission_table(pred: Predictions, sites: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Kaggle ``id_code,sirna`` for the test wells of ``pred`` (treatment wells), sorted by id_code."""
+def submission_table(
+    pred: Predictions, sites: pd.DataFrame | None = None, cell_types: list[str] | None = None
+) -> pd.DataFrame:
+    """Kaggle ``id_code,sirna`` for the test wells of ``pred`` (treatment wells), sorted by id_code.
+
+    With ``sites``, every test treatment well (of ``cell_types``, when given) must have a prediction.
+    """
     dup = pd.Index(pred.well_id).duplicated()
     if dup.any():
         raise InputError(f"well {pred.well_id[dup][0]} occurs in several prediction files")
     test = pred.dataset == "test"
     sub = pd.DataFrame({"id_code": pred.well_id[test], "sirna": pred.labels()[test].astype(np.int64)})
     if sites is not None:
-        want = sites.loc[(sites["dataset"] == "test") & (sites["well_type"] == "treatment"), "well_id"]
+        rows = (sites["dataset"] == "test") & (sites["well_type"] == "treatment")
+        if cell_types:
+            unknown = sorted(set(cell_types) - set(sites["cell_type"]))
+            if unknown:
+                raise InputError(f"--cell-types: {unknown[0]!r} is not a cell type of the site table")
+            rows &= sites["cell_type"].isin(cell_types)
+        want = sites.loc[rows, "well_id"]
         lacking = np.setdiff1d(want.unique().astype(str), sub["id_code"].to_numpy(str))
         if len(lacking):
             raise InputError(f"test treatment well {lacking[0]} has no prediction ({len(lacking)} missing)")
@@ -248,7 +259,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 def _run_submission(args: argparse.Namespace) -> int:
     pred = concat_predictions([load_predictions(f) for f in args.balanced])
     sites = read_sites(args.sites) if args.sites else None
-    sub = submission_table(pred, sites)
+    sub = submission_table(pred, sites, args.cell_types)
     _write_csv(sub, args.out)
     log.info("submission: %d test wells -> %s", len(sub), args.out)
     return 0
@@ -303,6 +314,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--balanced", nargs="+", required=True, metavar="NPZ", help="balanced npz files")
     p.add_argument("--sites", help="site table: check that every test treatment well is predicted")
+    p.add_argument(
+        "--cell-types", nargs="*", default=None, help="with --sites: check only these cell types' wells"
+    )
     p.add_argument("--out", required=True, help="submission CSV")
     p.set_defaults(func=_run_submission)
 

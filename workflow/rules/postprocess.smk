@@ -72,8 +72,11 @@ rule submission:
         "logs/submission.log",
     conda:
         CONDA_ENV
+    params:
+        cell_types=" ".join(CELL_TYPES),
     shell:
         "python -m deepnoise submission --balanced {input.balanced} --sites {input.sites}"
+        " --cell-types {params.cell_types}"
         " --out {output} > {log} 2>&1"
 
 
