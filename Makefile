@@ -3,8 +3,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 CORES  ?= all
 CONFIG ?= config/config.yaml
-SMK     = snakemake --configfile $(CONFIG)
+SMK     = snakemake --configfile $(CONFIG) --cores $(CORES)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# bash with pipefail: a failing snakemake must not leave an empty picture behind `| dot`
+SHELL       := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 
 .PHONY: setup demo test test-fast lint format dryrun dag rulegraph report bench ablation clean
 
@@ -18,7 +21,7 @@ setup: $(VENV)/.installed
 
 ## demo: the whole method on the embedded synthetic screen, then the accuracy table
 demo: setup
-	$(SMK) --cores $(CORES)
+	$(SMK)
 	@echo; echo "== accuracy per round and stage (results/summary.txt) =="; cat results/summary.txt
 
 ## test: the test suite (unit tests, real snakemake runs on tiny data, the loopback Slurm cluster)
@@ -33,7 +36,7 @@ lint: setup
 	ruff check scripts tests benchmarks
 	ruff format --check scripts tests benchmarks
 	snakefmt --check workflow
-	$(SMK) --lint --cores 1
+	$(SMK) --lint
 
 format: setup
 	ruff format scripts tests benchmarks
@@ -42,17 +45,17 @@ format: setup
 
 ## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz: apt-get install graphviz)
 dryrun: setup
-	$(SMK) -n --cores 1
+	$(SMK) -n
 dag: setup
 	mkdir -p dag
-	$(SMK) all --dag --cores 1 | dot -Tsvg > dag/jobs.svg
-	$(SMK) all --rulegraph --cores 1 | dot -Tsvg > dag/rules.svg
+	snakemake all --dag --configfile $(CONFIG) | dot -Tsvg > dag/jobs.svg
+	snakemake all --rulegraph --configfile $(CONFIG) | dot -Tsvg > dag/rules.svg
 	@echo "wrote dag/jobs.svg dag/rules.svg"
 rulegraph: dag
 
 ## report: the Snakemake HTML report of a finished run
 report: setup
-	$(SMK) --report report.html --cores 1
+	$(SMK) --report report.html
 
 ## bench: ingest, balancing, training-loader and DAG benchmarks (each prints a table)
 bench: setup
