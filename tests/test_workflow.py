@@ -99,3 +99,14 @@ def test_adding_a_cell_type_adds_only_its_jobs(finished, tmp_path):
     per_cell_type = [j for j in round0 if j.wc("cell_type")]
     assert {j.wc("cell_type") for j in per_cell_type} == {"RPE"}
     assert {j.rule for j in per_cell_type} == {"finetune", "predict", "ensemble", "balance"}
+
+
+def test_report_of_a_finished_run(finished, tmp_path):
+    workdir, cfg = finished
+    run = copy_run(workdir, tmp_path / "run")
+    configfile = write_config(run, cfg)
+    snakemake(run, "--cores", "1", "--configfile", str(configfile), "--report", "report.html")
+    html = (run / "report.html").read_text(errors="replace")
+    for name in ("accuracy.png", "balancing.png", "plates.png", "composites.png", "summary.tsv"):
+        assert name in html, name
+    assert "training_round1.png" in html
