@@ -1,5 +1,5 @@
 import json
-import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,7 +13,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 # installed (also inside `--sdm conda` environments, which carry only the dependencies).
 SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={SCRIPTS}; ")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
 
 from deepnoise import layout  # noqa: E402
 from deepnoise.hparams import TrainConfig  # noqa: E402
