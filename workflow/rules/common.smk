@@ -61,7 +61,7 @@ def _validation_experiments():
             for e in EXPERIMENTS
             if e.cell_type == ct and e.dataset == "train"
         ]
-        out += train[len(train) - n :] if n else []
+        out += train[len(train) - n :]
     return out
 
 
@@ -111,10 +111,6 @@ ALL_STATS = (
 )
 
 
-def weights(round_, model, scope):
-    return f"results/round{round_}/models/{model}/{scope}/weights.pt"
-
-
 def predictions(round_, model, cell_type):
     return f"results/round{round_}/predictions/{model}/{cell_type}.npz"
 
@@ -136,24 +132,22 @@ def metrics(round_):
 
 
 # ---------------------------------------------------------------- hyper-parameters as params
-def train_hparams(model):
-    """The shared training keys overridden by the model's own: one JSON string per model."""
-    return json.dumps({**config["train"], **config["models"][model]}, sort_keys=True)
+def hparams(model, finetune=False):
+    """The shared training keys, overridden by the model's own (and by `finetune` for fine-tuning)."""
+    extra = config["finetune"] if finetune else {}
+    return {**config["train"], **config["models"][model], **extra}
 
 
-def finetune_hparams(model):
-    hp = {**config["train"], **config["models"][model], **config["finetune"]}
-    return json.dumps(hp, sort_keys=True)
+def hparams_json(model, finetune=False):
+    """One JSON string per model and stage: the `params:` value whose change reruns that job."""
+    return json.dumps(hparams(model, finetune), sort_keys=True)
 
 
 # Fail before anything runs when a model's merged training keys are unknown or mistyped.
 for _m in MODELS:
+    TrainConfig.from_dict(hparams(_m), source=f"config train + models.{_m}")
     TrainConfig.from_dict(
-        json.loads(train_hparams(_m)), source=f"config train + models.{_m}"
-    )
-    TrainConfig.from_dict(
-        json.loads(finetune_hparams(_m)),
-        source=f"config train + models.{_m} + finetune",
+        hparams(_m, finetune=True), source=f"config train + models.{_m} + finetune"
     )
 
 

@@ -19,7 +19,7 @@ rule train:
         CONDA_ENV
     threads: threads_of("train")
     params:
-        hparams=lambda wc: train_hparams(wc.model),
+        hparams=lambda wc: hparams_json(wc.model),
         val=" ".join(VAL_EXPERIMENTS),
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
@@ -49,7 +49,7 @@ rule finetune:
         CONDA_ENV
     threads: threads_of("train")
     params:
-        hparams=lambda wc: finetune_hparams(wc.model),
+        hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=" ".join(VAL_EXPERIMENTS),
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
