@@ -25,7 +25,7 @@ def test_config_defaults_and_errors():
     assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (3e-4, 2e-4, 64, 160)
     assert [cfg.lr_at(e) for e in (0, 99, 100, 139, 140, 159)] == [3e-4, 3e-4, 1e-4, 1e-4, 1e-5, 1e-5]
     assert (cfg.arcface_s, cfg.arcface_m, cfg.head) == (30.0, 0.1, "arcface")
-    with pytest.raises(InputError, match="unknown key 'learning_rate'"):
+    with pytest.raises(InputError, match="learning_rate: unknown key"):
         train.TrainConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(InputError, match="epochs"):
         train.TrainConfig.from_dict({"epochs": "ten"})

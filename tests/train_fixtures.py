@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from deepnoise import layout
+from deepnoise import layout, stacks
 from deepnoise.stats import plate_stats
 
 
@@ -50,6 +50,7 @@ def write_stack(path: Path, experiment: str, plate: int, cell_type: str, rows: p
             deepnoise_version="test",
             n_sites=len(rows),
         )
+        stacks.seal(f)
 
 
 def make_screen(

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from deepnoise.ensemble import Predictions, load_predictions, save_predictions
+from deepnoise.ensemble import Predictions, check_wells, load_predictions, save_predictions
 from deepnoise.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         from deepnoise.evaluate import read_sites
 
         sites = read_sites(args.sites)
+        check_wells(pred, sites, str(args.predictions), allow_missing=args.allow_missing)
     needs_groups = args.method == "exact" or (args.method == "iterative" and args.restrict)
     if needs_groups:
         if sites is None:
@@ -335,6 +336,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="restrict",
         action="store_false",
         help="iterative: do not restrict plates to their inferred group's classes",
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="accept plates whose predictions lack some treatment wells of the site table",
     )
     p.add_argument("--out", required=True, help="balanced predictions npz (same format)")
     p.set_defaults(func=_run)

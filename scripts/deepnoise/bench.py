@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deepnoise import data, layout, models, train
+from deepnoise import data, layout, models, stacks, train
 from deepnoise.atomic import atomic_path, write_text
 from deepnoise.errors import InputError
 
@@ -55,6 +55,7 @@ def write_synthetic_plate(path: Path, n_wells: int, image_size: int, seed: int =
             deepnoise_version="bench",
             n_sites=n,
         )
+        stacks.seal(f)
 
 
 def _sync(rt: train.Runtime) -> None:
@@ -110,7 +111,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         total_steps = args.steps + args.warmup
 
         def loader(stream: int, batch: int, label_values):
-            ds = data.StackDataset(index.files, wells, label_values)
+            ds = data.StackDataset(index.files, wells, label_values, crcs=index.crcs)
             sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
             return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
 

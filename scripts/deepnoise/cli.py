@@ -65,8 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
-        print(f"deepnoise {args.command}: error: {exc}", file=sys.stderr)
+        print(f"deepnoise {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: InputError) -> str:
+    """The error's own message; a DataLoader worker's re-raised error carries the worker's
+    traceback, whose last line is the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split("InputError: ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

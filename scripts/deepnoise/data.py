@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepnoise import stacks
 from deepnoise.errors import InputError
 
 SITE_COLUMNS = (
@@ -79,33 +80,29 @@ class StackIndex:
     keys: list[tuple[str, int]]
     rows: list[dict[tuple[str, int], int]]  # per file: (well, site) -> row
     image_size: int
+    crcs: list[np.ndarray]  # per file: CRC-32 of each row, verified on every read
 
     @classmethod
     def build(cls, stack_files: Sequence[str | os.PathLike]) -> StackIndex:
-        files, keys, rows, sizes = [], [], [], set()
+        files, keys, rows, sizes, crcs = [], [], [], set(), []
         for path in stack_files:
             path = str(path)
-            try:
-                with h5py.File(path, "r") as f:
-                    key = (str(f.attrs["experiment"]), int(f.attrs["plate"]))
-                    wells, sites = _strs(f["well"]), f["site"][()].astype(int)
-                    shape = f["images"].shape
-            except (OSError, KeyError) as exc:
-                raise InputError(f"{path}: not a plate stack ({exc})") from exc
+            info = stacks.check_stack(path)
+            key = (info["attrs"]["experiment"], info["attrs"]["plate"])
+            wells, sites, shape = info["well"], info["site"], info["shape"]
             if key in keys:
                 raise InputError(f"{path}: plate {key} also in {files[keys.index(key)]}")
-            if len(shape) != 4 or shape[1] != 6 or shape[0] != len(wells):
-                raise InputError(f"{path}: images shape {shape} does not match {len(wells)} sites x 6")
             sizes.add((shape[2], shape[3]))
             files.append(path)
             keys.append(key)
             rows.append({(w, int(s)): i for i, (w, s) in enumerate(zip(wells, sites, strict=True))})
+            crcs.append(info["crc32"])
         if len(sizes) > 1:
             raise InputError(f"stacks have different image sizes: {sorted(sizes)}")
         size = sizes.pop() if sizes else (0, 0)
         if size[0] != size[1]:
             raise InputError(f"stacks: images must be square, got {size}")
-        return cls(files, keys, rows, int(size[0]))
+        return cls(files, keys, rows, int(size[0]), crcs)
 
     def locate(self, wells: pd.DataFrame) -> pd.DataFrame:
         """Add ``file_idx, row1, row2`` (rows of sites 1 and 2) to a per-well frame."""
@@ -178,8 +175,16 @@ class StackDataset(Dataset):
     ``dataset[i]`` -> ``(uint8 (2, 6, H, W), norm_idx, label, i)`` with both sites (prediction).
     """
 
-    def __init__(self, files: Sequence[str], wells: pd.DataFrame, labels: Sequence[int] | None = None):
+    def __init__(
+        self,
+        files: Sequence[str],
+        wells: pd.DataFrame,
+        labels: Sequence[int] | None = None,
+        crcs: Sequence[np.ndarray] | None = None,
+    ):
+        """``crcs`` (``StackIndex.crcs``): verify every site read against its CRC-32."""
         self.files = list(files)
+        self.crcs = None if crcs is None else list(crcs)
         self.file_idx = wells["file_idx"].to_numpy(np.int64)
         self.rows = wells[["row1", "row2"]].to_numpy(np.int64)
         self.labels = np.full(len(wells), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
@@ -201,14 +206,20 @@ class StackDataset(Dataset):
             self._handles[f] = h5py.File(self.files[f], "r")["images"]
         return self._handles[f]
 
+    def _read(self, f: int, row: int) -> np.ndarray:
+        ds = self._images(f)
+        if self.crcs is None:
+            return ds[row]
+        return stacks.read_site_checked(ds, row, self.crcs[f][row], self.files[f])
+
     def __getitem__(self, item):
         if isinstance(item, tuple | list):
             i, site = int(item[0]), int(item[1])
-            img = self._images(self.file_idx[i])[self.rows[i, site]]
+            img = self._read(self.file_idx[i], self.rows[i, site])
         else:
             i = int(item)
-            ds = self._images(self.file_idx[i])
-            img = np.stack([ds[self.rows[i, 0]], ds[self.rows[i, 1]]])
+            f = self.file_idx[i]
+            img = np.stack([self._read(f, self.rows[i, 0]), self._read(f, self.rows[i, 1])])
         return torch.from_numpy(np.ascontiguousarray(img)), int(self.file_idx[i]), int(self.labels[i]), i
 
 

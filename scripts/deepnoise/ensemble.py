@@ -122,6 +122,37 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
     )
 
 
+def check_wells(pred: Predictions, sites, source: str, allow_missing: bool = False) -> None:
+    """``pred`` holds treatment wells of the site table ``sites`` with the same experiment, plate,
+    well and dataset, and (unless ``allow_missing``) every treatment well of each plate it covers.
+    ``InputError`` names ``source`` (the predictions file) and the first well at fault."""
+    treat = sites[sites["well_type"] == "treatment"].drop_duplicates("well_id").set_index("well_id")
+    known = np.isin(pred.well_id, treat.index.to_numpy(str))
+    if not known.all():
+        w = pred.well_id[~known][0]
+        raise InputError(f"{source}: well {w} is not a treatment well of the site table")
+    ref = treat.loc[pred.well_id]
+    for key in ("experiment", "plate", "well", "dataset"):
+        diff = np.flatnonzero(ref[key].to_numpy().astype(str) != getattr(pred, key).astype(str))
+        if len(diff):
+            w = pred.well_id[diff[0]]
+            raise InputError(
+                f"{source}: well {w} has {key} {getattr(pred, key)[diff[0]]!r}, "
+                f"the site table says {ref[key].iloc[diff[0]]!r}"
+            )
+    if allow_missing:
+        return
+    plates = set(zip(pred.experiment.astype(str), pred.plate.astype(int), strict=True))
+    on_plates = treat[
+        [(e, int(p)) in plates for e, p in zip(treat["experiment"], treat["plate"], strict=True)]
+    ]
+    absent = np.setdiff1d(on_plates.index.to_numpy(str), pred.well_id)
+    if len(absent):
+        raise InputError(
+            f"{source}: lacks well {absent[0]} of its plates ({len(absent)} treatment well(s) missing)"
+        )
+
+
 def save_predictions(pred: Predictions, path: str | os.PathLike) -> None:
     """Write ``pred`` atomically in the npz format of docs/architecture.md (str metadata arrays)."""
     with atomic_path(path) as tmp:

@@ -7,12 +7,15 @@ parse time, before any job runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deepnoise.errors import InputError
+
+NORMALIZATIONS = ("plate", "experiment", "cell_type", "negative_control", "none")
 
 
 @dataclass
@@ -89,29 +92,47 @@ class TrainConfig:
     """Wells per validation batch (two sites each)."""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "hparams") -> TrainConfig:
-        """Validated config; unknown keys and values of the wrong type raise ``InputError``."""
+    def key_problems(cls, values: dict[str, Any], source: str) -> list[str]:
+        """Unknown keys and values of the wrong type in one config section (``source.key: ...``)."""
         if not isinstance(values, dict):
-            raise InputError(f"{source}: expected a JSON object")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+            return [f"{source}: expected a mapping of training keys, got {values!r}"]
+        fields = [f.name for f in dataclasses.fields(cls)]
         default = cls()
-        kwargs = {}
+        out = []
         for key, value in values.items():
             if key not in fields:
-                raise InputError(f"{source}: unknown key {key!r}")
-            kwargs[key] = _coerce(key, value, getattr(default, key), source)
-        cfg = cls(**kwargs)
+                near = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                out.append(f"{source}.{key}: unknown key{hint}; allowed keys: {', '.join(fields)}")
+                continue
+            try:
+                _coerce(key, value, getattr(default, key), source)
+            except InputError as exc:
+                out.append(str(exc))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "hparams") -> TrainConfig:
+        """Validated config; unknown keys and values of the wrong type raise ``InputError``."""
+        problems = cls.key_problems(values, source)
+        if problems:
+            raise InputError(problems[0])
+        default = cls()
+        cfg = cls(**{k: _coerce(k, v, getattr(default, k), source) for k, v in values.items()})
         cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "hparams") -> None:
         def bad(key: str, why: str):
-            raise InputError(f"{source}: {key}: {why}")
+            raise InputError(f"{source}.{key}: {why}")
 
         if self.head not in ("arcface", "softmax"):
-            bad("head", f"expected arcface or softmax, got {self.head!r}")
-        if self.normalization not in ("plate", "experiment", "cell_type", "negative_control", "none"):
-            bad("normalization", f"unknown mode {self.normalization!r}")
+            bad("head", f"{self.head!r} is not allowed; allowed values: arcface, softmax")
+        if self.normalization not in NORMALIZATIONS:
+            bad(
+                "normalization",
+                f"{self.normalization!r} is not allowed; allowed values: {', '.join(NORMALIZATIONS)}",
+            )
         if len(self.lr_milestones) != len(self.lr_values):
             bad("lr_values", "needs one value per lr_milestones entry")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
@@ -142,7 +163,11 @@ class TrainConfig:
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     def bad():
-        raise InputError(f"{source}: {key}: unexpected value {value!r}")
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        want = "a list" if isinstance(default, list) else kind.get(type(default), type(default).__name__)
+        if key == "pretrained":
+            want = "false, true or a weights file path"
+        raise InputError(f"{source}.{key}: expected {want}, got {value!r}")
 
     if key == "pretrained":
         if isinstance(value, bool) or (isinstance(value, str) and value):

@@ -7,6 +7,7 @@ the whole DAG is known before any image exists.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,23 @@ RXRX1_COLUMNS = (
 SITE_COLUMNS = (*RXRX1_COLUMNS, "path")
 # Test truth (well level), written where the source has the test labels.
 TRUTH_COLUMNS = ("well_id", "experiment", "plate", "well", "cell_type", "sirna_id")
+
+
+# Names that reach file paths, wildcards and command lines. Metadata values outside these patterns
+# are rejected before any job is built, so no metadata value can inject shell syntax or a path.
+NAME_PATTERNS = {
+    "experiment": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+    "cell_type": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"),
+    "well": re.compile(r"[A-P](0[1-9]|1[0-9]|2[0-4])"),
+}
+
+
+def name_problem(kind: str, value: object) -> str | None:
+    """Why ``value`` is not a safe ``kind`` (experiment, cell_type, well) name; None when it is."""
+    pattern = NAME_PATTERNS[kind]
+    if isinstance(value, str) and pattern.fullmatch(value):
+        return None
+    return f"{kind} {value!r} is not a valid name (must match {pattern.pattern})"
 
 
 @dataclass(frozen=True)
@@ -84,13 +102,27 @@ def real_experiments(source: str, root: str) -> list[Experiment]:
     for dataset, path in files.items():
         if not path.exists():
             raise InputError(f"data.root: {path} not found (needed for data.source={source})")
-        df = pd.read_csv(path, usecols=lambda c: c in {"experiment", "cell_type", "dataset"})
+        df = pd.read_csv(
+            path,
+            usecols=lambda c: c in {"experiment", "cell_type", "dataset"},
+            dtype=str,
+            keep_default_na=False,
+        )
         if "experiment" not in df.columns:
             raise InputError(f"{path}: no 'experiment' column")
         if "dataset" not in df.columns:
             df["dataset"] = dataset
         if "cell_type" not in df.columns:
             df["cell_type"] = df["experiment"].str.split("-").str[0]
+        for col in ("experiment", "cell_type"):
+            bad = ~df[col].str.fullmatch(NAME_PATTERNS[col].pattern)
+            if bad.any():
+                i = int(bad.to_numpy().nonzero()[0][0])
+                raise InputError(f"{path}: row {i + 2}: {name_problem(col, df[col].iloc[i])}")
+        bad = ~df["dataset"].isin(["train", "test"])
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise InputError(f"{path}: row {i + 2}: dataset {df['dataset'].iloc[i]!r} is not train or test")
         frames.append(df.drop_duplicates())
     table = pd.concat(frames).drop_duplicates().sort_values(["cell_type", "dataset", "experiment"])
     dup = table["experiment"][table["experiment"].duplicated()]

@@ -39,6 +39,9 @@ def run_predict(
     if rt.world > 1 and rt.rank != 0:
         return
     state = load_weights(weights)
+    scope = state.get("scope")
+    if scope not in (cell_type, "all"):
+        raise InputError(f"{weights}: weights fine-tuned for {scope!r}, not for cell type {cell_type}")
     mc = state["model_config"]
     net = models.build_model(mc)
     net.load_state_dict(state["teacher"])
@@ -63,7 +66,7 @@ def run_predict(
     index = data.StackIndex.build(stacks)
     wells = index.locate(wells)
     mean, std = data.normalization_arrays(stats, mc["normalization"], index.keys)
-    ds = data.StackDataset(index.files, wells)
+    ds = data.StackDataset(index.files, wells, crcs=index.crcs)
     sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
     wells_per_batch = max(1, int(batch_size) // 2)  # both sites of a well go through together
     loader = data.make_loader(ds, sampler, wells_per_batch, num_workers, rt.cuda, drop_last=False)

@@ -3,6 +3,11 @@
 PIL releases the GIL while inflating, so threads scale the decode; the HDF5 writes happen in the
 main thread in site order. The output is written to a temporary sibling and renamed on success, so a
 bad input leaves no file behind.
+
+Every site's bytes get a CRC-32 (dataset ``crc32``, ~4 GB/s, well under 1% of the decode time).
+``check_stack`` validates a stack's structure (cheap: index datasets and attributes only); readers
+verify each site they read against its CRC (``read_site_checked``), so a truncated, damaged or
+hand-edited stack is reported with the file and the well at fault instead of being used.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import argparse
 import collections
 import datetime
 import logging
+import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +38,10 @@ DEFAULT_COMPRESSION = "none"
 STR = h5py.string_dtype("utf-8")
 # Site-table columns stored next to the images, one row per site.
 STR_COLUMNS = ("site_id", "well_id", "well", "well_type", "dataset", "sirna")
+# Version of the stack layout; 2 added the per-site ``crc32``.
+STACK_FORMAT = 2
+REQUIRED_ATTRS = ("experiment", "plate", "cell_type", "n_sites", "format")
+REBUILD = "delete it and rerun: Snakemake rebuilds it with the `stack` rule"
 
 
 def compression_args(name: str) -> dict:
@@ -131,11 +142,14 @@ def write_stack(
             **kwargs,
         )
         direct = not kwargs
+        crcs = np.zeros(n, np.uint32)
         for i, site in enumerate(iter_sites(prefixes, threads, shape)):
+            crcs[i] = zlib.crc32(site)
             if direct:  # no filter pipeline: hand the chunk bytes straight to HDF5
                 images.id.write_direct_chunk((i, 0, 0, 0), site)
             else:
                 images[i] = site
+        f.create_dataset("crc32", data=crcs)
         for col in STR_COLUMNS:
             f.create_dataset(col, data=df[col].to_numpy(dtype=object), dtype=STR)
         f.create_dataset("site", data=df.site.to_numpy(np.int8))
@@ -151,10 +165,116 @@ def write_stack(
                 "deepnoise_version": __version__,
                 "n_sites": n,
                 "compression": compression,
+                "format": STACK_FORMAT,
             }
         )
     log.info("%s plate %s: %d sites -> %s", experiment, plate, n, out)
     return n
+
+
+def _strs(ds) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
+
+
+def check_stack(path: str | os.PathLike) -> dict:
+    """Structure of a plate stack, validated without reading the images.
+
+    Returns ``attrs``, ``shape``, ``well``, ``site``, ``site_id``, ``well_type`` and ``crc32``
+    (per site). ``InputError`` names the file and what is wrong: not HDF5 or truncated, a missing
+    dataset or attribute, inconsistent lengths, an unsafe or duplicated well.
+    """
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(
+            f"{path}: cannot open the HDF5 plate stack (truncated, corrupt or not HDF5: {exc}); {REBUILD}"
+        ) from exc
+    with f:
+        try:
+            attrs = {k: f.attrs[k] for k in REQUIRED_ATTRS}
+        except KeyError as exc:
+            raise InputError(
+                f"{path}: not a deepnoise plate stack of format {STACK_FORMAT} "
+                f"(no attribute {exc}); {REBUILD}"
+            ) from exc
+        attrs = {
+            **dict(f.attrs),
+            "experiment": str(attrs["experiment"]),
+            "plate": int(attrs["plate"]),
+            "cell_type": str(attrs["cell_type"]),
+            "n_sites": int(attrs["n_sites"]),
+            "format": int(attrs["format"]),
+        }
+        if attrs["format"] != STACK_FORMAT:
+            raise InputError(f"{path}: stack format {attrs['format']}, expected {STACK_FORMAT}; {REBUILD}")
+        missing = [k for k in ("images", "crc32", "site", "well", "well_type") if k not in f]
+        if missing:
+            raise InputError(f"{path}: plate stack lacks datasets {missing}; {REBUILD}")
+        try:
+            images = f["images"]
+            shape, dtype = images.shape, images.dtype
+            out = {
+                "well": _strs(f["well"]),
+                "site_id": _strs(f["site_id"]) if "site_id" in f else [],
+                "well_type": _strs(f["well_type"]),
+                "site": f["site"][()].astype(int),
+                "crc32": f["crc32"][()].astype(np.uint32),
+            }
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read the stack's site index ({exc}); {REBUILD}") from exc
+    n = attrs["n_sites"]
+    if len(shape) != 4 or shape[0] != n or shape[1] != layout.N_CHANNELS or dtype != np.uint8:
+        raise InputError(
+            f"{path}: images are {dtype} {shape}, expected uint8 ({n}, {layout.N_CHANNELS}, H, W); {REBUILD}"
+        )
+    if not out["site_id"]:
+        out["site_id"] = [f"{w}_s{s}" for w, s in zip(out["well"], out["site"].tolist(), strict=True)]
+    for key, values in out.items():
+        if len(values) != n:
+            raise InputError(f"{path}: dataset {key!r} has {len(values)} rows for {n} sites; {REBUILD}")
+    problem = layout.name_problem("experiment", attrs["experiment"])
+    if problem or attrs["plate"] not in layout.PLATES:
+        raise InputError(
+            f"{path}: attributes name experiment {attrs['experiment']!r} plate {attrs['plate']!r}; "
+            f"{problem or 'plate not in 1..4'}"
+        )
+    for w in out["well"]:
+        problem = layout.name_problem("well", w)
+        if problem:
+            raise InputError(f"{path}: {problem}")
+    pairs = list(zip(out["well"], out["site"].tolist(), strict=True))
+    if len(set(pairs)) != n:
+        dup = next(p for p in pairs if pairs.count(p) > 1)
+        raise InputError(f"{path}: well {dup[0]} site {dup[1]} occurs more than once")
+    return {"attrs": attrs, "shape": tuple(shape), **out}
+
+
+def seal(f: h5py.File) -> None:
+    """Add the per-site CRC-32 and the format attribute to a stack written by other code (tests,
+    benchmarks); ``write_stack`` computes them while writing."""
+    images = f["images"]
+    f.create_dataset(
+        "crc32", data=np.array([zlib.crc32(images[i]) for i in range(images.shape[0])], np.uint32)
+    )
+    f.attrs["format"] = STACK_FORMAT
+    f.attrs["n_sites"] = int(images.shape[0])
+
+
+def read_site_checked(
+    images: h5py.Dataset, row: int, crc: int, path: str, site_id: str | None = None
+) -> np.ndarray:
+    """Site ``row`` of an open ``images`` dataset, verified against its CRC-32."""
+    where = f"site {site_id} (row {row})" if site_id else f"row {row}"
+    try:
+        site = images[row]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: {where} cannot be read (truncated or damaged: {exc}); {REBUILD}") from exc
+    if zlib.crc32(np.ascontiguousarray(site)) != int(crc):
+        raise InputError(
+            f"{path}: {where} does not match the checksum written by `deepnoise stack`: the file was "
+            f"modified or damaged after it was written; {REBUILD}"
+        )
+    return site
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from deepnoise import layout
+from deepnoise import layout, stacks
 from deepnoise.atomic import write_text
 from deepnoise.errors import InputError
 
@@ -59,20 +59,20 @@ def plate_stats(stack: Path | str) -> dict:
     """Statistics of one HDF5 plate stack, streamed one site (one chunk) at a time."""
     values = np.arange(256, dtype=np.int64)
     offsets = (np.arange(layout.N_CHANNELS, dtype=np.intp) * 256)[:, None]
+    info = stacks.check_stack(stack)
+    well_type = info["well_type"]
     try:
         f = h5py.File(stack, "r")
     except OSError as exc:
         raise InputError(f"{stack}: cannot open HDF5 stack: {exc}") from exc
     with f:
-        for key in ("images", "well_type"):
-            if key not in f:
-                raise InputError(f"{stack}: no dataset {key!r}")
         images = f["images"]
-        well_type = f["well_type"].asstr()[:]
         hist = {s: np.zeros((layout.N_CHANNELS, 256), np.int64) for s in SUBSETS}
         n_sites = {s: 0 for s in SUBSETS}
         for i in range(images.shape[0]):
-            site = images[i].reshape(layout.N_CHANNELS, -1)
+            # every pixel is read here anyway: verify each site against its CRC on the way
+            site = stacks.read_site_checked(images, i, info["crc32"][i], str(stack), info["site_id"][i])
+            site = site.reshape(layout.N_CHANNELS, -1)
             h = np.bincount((site + offsets).ravel(), minlength=256 * layout.N_CHANNELS)
             h = h.reshape(layout.N_CHANNELS, 256)
             for s in SUBSETS:

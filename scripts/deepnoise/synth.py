@@ -20,6 +20,7 @@ depend on the thread count or order: the same config gives byte-identical PNGs.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import logging
@@ -87,7 +88,12 @@ def validate_config(cfg: dict) -> dict:
         raise InputError("synthetic config: expected a JSON object")
     for key in cfg:
         if key not in REQUIRED and key not in DEFAULTS:
-            raise InputError(f"synthetic config: unknown key {key!r}")
+            allowed = [*REQUIRED, *DEFAULTS]
+            near = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise InputError(
+                f"synthetic config: unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+            )
     for key in REQUIRED:
         if key not in cfg:
             raise InputError(f"synthetic config: missing key {key!r}")

@@ -10,6 +10,7 @@ trains with DistributedDataParallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,6 +38,7 @@ from deepnoise.hparams import TrainConfig, load_hparams  # noqa: F401 (re-export
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
+LOCK_NAME = ".lock"
 LOG_COLUMNS = [
     "epoch",
     "lr",
@@ -463,11 +465,69 @@ def inputs_fingerprint(files: list[str | None], extra: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+CHECKPOINT_KEYS = (
+    "epoch",
+    "step_count",
+    "hparams",
+    "model_config",
+    "student",
+    "teacher",
+    "optimizer",
+    "augment_generator",
+    "rng",
+    "log",
+    "inputs",
+)
+
+
 def load_checkpoint(path: Path) -> dict:
+    """A resume checkpoint; ``InputError`` naming the file when it cannot be used (never skipped:
+    silently restarting would throw away the epochs it holds)."""
+    hint = f"delete it to train this model from scratch: rm {path}"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint names the file
-        raise InputError(f"{path}: cannot read checkpoint: {exc}") from exc
+        raise InputError(
+            f"{path}: cannot read the resume checkpoint (truncated or corrupt: {exc}); {hint}"
+        ) from exc
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(f"{path}: not a deepnoise resume checkpoint (lacks {missing}); {hint}")
+    return state
+
+
+@contextlib.contextmanager
+def checkpoint_lock(checkpoint_dir: str | os.PathLike):
+    """Hold an exclusive lock on a checkpoint directory for the whole training run.
+
+    A second training of the same model and round (a rerun started while an orphaned job still
+    runs) fails at once instead of interleaving its checkpoints with the first. The kernel drops the
+    lock when the process dies, whatever the signal, so a killed job never leaves a stale lock.
+    File systems without ``flock`` (some Lustre mounts) only get a warning.
+    """
+    import fcntl
+    import socket
+
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise InputError(
+                f"{directory}: checkpoint directory in use by {holder}; two trainings of the same "
+                "model would overwrite each other's checkpoints. Wait for it or kill it, then rerun"
+            ) from exc
+        except OSError as exc:
+            log.warning("%s: cannot lock (%s); continuing without a lock", path, exc)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
 
 
 def load_weights(path: str | os.PathLike) -> dict:
@@ -475,7 +535,12 @@ def load_weights(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read weights: {exc}") from exc
+        raise InputError(
+            f"{path}: cannot read weights (truncated or corrupt: {exc}); delete it and rerun: "
+            "Snakemake retrains it"
+        ) from exc
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a deepnoise weights file")
     for key in ("model_config", "teacher", "student"):
         if key not in state:
             raise InputError(f"{path}: weights lack {key!r}")
@@ -520,8 +585,45 @@ def run_training(
     fail_after_epoch: int | None = None,
 ) -> None:
     """Train (or resume) one model; ``fail_after_epoch`` raises after that epoch's checkpoint (tests)."""
-    cfg = hparams
     rt = setup_runtime(device, threads)
+    guard = checkpoint_lock(checkpoint_dir) if rt.is_main else contextlib.nullcontext()
+    with guard:
+        _run_training(
+            rt=rt,
+            sites=sites,
+            classes=classes,
+            stacks=stacks,
+            stats=stats,
+            hparams=hparams,
+            scope=scope,
+            val_experiments=val_experiments,
+            out_weights=out_weights,
+            out_log=out_log,
+            checkpoint_dir=checkpoint_dir,
+            init=init,
+            pseudo_labels=pseudo_labels,
+            fail_after_epoch=fail_after_epoch,
+        )
+
+
+def _run_training(
+    *,
+    rt: Runtime,
+    sites: str,
+    classes: str,
+    stacks: list[str],
+    stats: list[str],
+    hparams: TrainConfig,
+    scope: str,
+    val_experiments: list[str],
+    out_weights: str,
+    out_log: str,
+    checkpoint_dir: str,
+    init: str | None,
+    pseudo_labels: str | None,
+    fail_after_epoch: int | None,
+) -> None:
+    cfg = hparams
     if rt.cuda and cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     random.seed(cfg.seed)
@@ -581,14 +683,16 @@ def run_training(
         trainer.teacher.load_state_dict(state["teacher"])
 
     pin = rt.cuda
-    lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy())
+    lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), crcs=index.crcs)
     lab_sampler = data.EpochSampler(
         n_lab, cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
     )
     lab_loader = data.make_loader(lab_ds, lab_sampler, b_lab, cfg.num_workers, pin, drop_last=True)
     unl_loader = unl_sampler = None
     if use_unl:
-        unl_ds = data.StackDataset(index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy())
+        unl_ds = data.StackDataset(
+            index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), crcs=index.crcs
+        )
         unl_sampler = data.EpochSampler(
             len(td.unlabelled),
             cfg.seed,
@@ -601,7 +705,7 @@ def run_training(
     val_loader = None
     val_labels = td.validation["sirna_id"].to_numpy()
     if len(td.validation) and rt.is_main:
-        val_ds = data.StackDataset(index.files, td.validation, val_labels)
+        val_ds = data.StackDataset(index.files, td.validation, val_labels, crcs=index.crcs)
         val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
         val_loader = data.make_loader(val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False)
 

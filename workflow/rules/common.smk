@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -7,16 +8,19 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 # The rules call `python -m deepnoise`; the package is the one next to this workflow, whatever is
 # installed (also inside `--sdm conda` environments, which carry only the dependencies).
 SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
 
-from deepnoise import layout  # noqa: E402
-from deepnoise.hparams import TrainConfig  # noqa: E402
+from deepnoise import configcheck, layout  # noqa: E402
+
+# Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
+# data folder) in one message naming the keys and the allowed values, before any job starts.
+SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+configcheck.check_config(config, configcheck.load_schema(SCHEMA))
+validate(config, schema=str(SCHEMA))
 
 CONDA_ENV = "../../envs/deepnoise.yaml"
 
@@ -36,8 +40,9 @@ ALL_CELL_TYPES = sorted({e.cell_type for e in EXPERIMENTS})
 CELL_TYPES = list(config["cell_types"]) or ALL_CELL_TYPES
 for _ct in CELL_TYPES:
     if _ct not in ALL_CELL_TYPES:
-        raise ValueError(
-            f"config cell_types: {_ct!r} is not a cell type of the data {ALL_CELL_TYPES}"
+        raise configcheck.ConfigError(
+            f"config cell_types: {_ct!r} is not a cell type of the data; "
+            f"allowed values: {', '.join(ALL_CELL_TYPES)}"
         )
 MODELS = list(config["models"])
 ROUNDS = list(range(int(config["rounds"])))
@@ -48,8 +53,10 @@ def _validation_experiments():
     explicit = list(config["split"]["validation_experiments"])
     for e in explicit:
         if e not in EXP or EXP[e].dataset != "train":
-            raise ValueError(
-                f"config split.validation_experiments: {e!r} is not a labelled experiment"
+            labelled = [x.experiment for x in EXPERIMENTS if x.dataset == "train"]
+            raise configcheck.ConfigError(
+                f"config split.validation_experiments: {e!r} is not a labelled experiment; "
+                f"allowed values: {', '.join(labelled)}"
             )
     if explicit:
         return explicit
@@ -78,12 +85,17 @@ def predicted_experiments(cell_type):
     ]
 
 
+def one_of(names):
+    """A wildcard constraint matching exactly these names (escaped: names are data)."""
+    return "|".join(re.escape(n) for n in names)
+
+
 wildcard_constraints:
     round=r"\d+",
     plate=r"[1-4]",
-    experiment="|".join(EXP),
-    cell_type="|".join(ALL_CELL_TYPES),
-    model="|".join(MODELS),
+    experiment=one_of(EXP),
+    cell_type=one_of(ALL_CELL_TYPES),
+    model=one_of(MODELS),
 
 
 # ---------------------------------------------------------------- paths
@@ -143,14 +155,6 @@ def hparams_json(model, finetune=False):
     return json.dumps(hparams(model, finetune), sort_keys=True)
 
 
-# Fail before anything runs when a model's merged training keys are unknown or mistyped.
-for _m in MODELS:
-    TrainConfig.from_dict(hparams(_m), source=f"config train + models.{_m}")
-    TrainConfig.from_dict(
-        hparams(_m, finetune=True), source=f"config train + models.{_m} + finetune"
-    )
-
-
 def previous_pseudo_labels(wildcards):
     """Round r > 0 trains with the balanced ensemble of round r - 1 as pseudo labels."""
     r = int(wildcards.round)
@@ -158,7 +162,8 @@ def previous_pseudo_labels(wildcards):
 
 
 def pseudo_flag(wildcards, input):
-    return f"--pseudo-labels {input.pseudo}" if input.pseudo else ""
+    """Command-line words (quoted by `:q` in the rule): none in round 0."""
+    return ["--pseudo-labels", str(input.pseudo)] if input.pseudo else []
 
 
 def threads_of(kind):
@@ -191,7 +196,7 @@ def metrics_inputs(wildcards):
 def labelled_predictions(wildcards):
     """`model=path` pairs (one per cell type), so the metrics know which file is which model."""
     r = wildcards.round
-    return " ".join(f"{m}={predictions(r, m, ct)}" for m in MODELS for ct in CELL_TYPES)
+    return [f"{m}={predictions(r, m, ct)}" for m in MODELS for ct in CELL_TYPES]
 
 
 def report_outputs():

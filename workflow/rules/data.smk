@@ -15,8 +15,8 @@ rule synthesize:
         cfg=json.dumps(config["synthetic"], sort_keys=True),
     shell:
         "python -m deepnoise synthesize --config-json {params.cfg:q}"
-        " --out-images {output.images} --out-metadata {output.metadata}"
-        " --out-truth {output.truth} --threads {threads} > {log} 2>&1"
+        " --out-images {output.images:q} --out-metadata {output.metadata:q}"
+        " --out-truth {output.truth:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule sites:
@@ -34,9 +34,9 @@ rule sites:
         source=SOURCE,
         root=DATA_ROOT,
     shell:
-        "python -m deepnoise sites --source {params.source} --root {params.root}"
-        " --out-sites {output.sites} --out-truth {output.truth}"
-        " --out-classes {output.classes} > {log} 2>&1"
+        "python -m deepnoise sites --source {params.source:q} --root {params.root:q}"
+        " --out-sites {output.sites:q} --out-truth {output.truth:q}"
+        " --out-classes {output.classes:q} > {log:q} 2>&1"
 
 
 rule stack:
@@ -52,9 +52,9 @@ rule stack:
     params:
         compression=config["data"]["compression"],
     shell:
-        "python -m deepnoise stack --sites {input.sites} --experiment {wildcards.experiment}"
-        " --plate {wildcards.plate} --compression {params.compression}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        "python -m deepnoise stack --sites {input.sites:q} --experiment {wildcards.experiment:q}"
+        " --plate {wildcards.plate:q} --compression {params.compression:q}"
+        " --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule plate_stats:
@@ -67,7 +67,7 @@ rule plate_stats:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise plate-stats --stack {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise plate-stats --stack {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule experiment_stats:
@@ -82,7 +82,7 @@ rule experiment_stats:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise aggregate-stats --inputs {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise aggregate-stats --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule cell_type_stats:
@@ -100,4 +100,4 @@ rule cell_type_stats:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise aggregate-stats --inputs {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise aggregate-stats --inputs {input:q} --out {output:q} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ rule ensemble:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise ensemble --inputs {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise ensemble --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule balance:
@@ -28,8 +28,8 @@ rule balance:
     params:
         method=config["balance"]["method"],
     shell:
-        "python -m deepnoise balance --predictions {input.predictions} --sites {input.sites}"
-        " --method {params.method} --out {output} > {log} 2>&1"
+        "python -m deepnoise balance --predictions {input.predictions:q} --sites {input.sites:q}"
+        " --method {params.method:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule pseudo_labels:
@@ -42,7 +42,7 @@ rule pseudo_labels:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise pseudo-labels --inputs {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise pseudo-labels --inputs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule metrics:
@@ -57,9 +57,9 @@ rule metrics:
     params:
         models=labelled_predictions,
     shell:
-        "python -m deepnoise metrics --round {wildcards.round} --sites {input.sites}"
-        " --truth {input.truth} --models {params.models} --ensemble {input.ensemble}"
-        " --balanced {input.balanced} --out {output} > {log} 2>&1"
+        "python -m deepnoise metrics --round {wildcards.round:q} --sites {input.sites:q}"
+        " --truth {input.truth:q} --models {params.models:q} --ensemble {input.ensemble:q}"
+        " --balanced {input.balanced:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule submission:
@@ -73,11 +73,11 @@ rule submission:
     conda:
         CONDA_ENV
     params:
-        cell_types=" ".join(CELL_TYPES),
+        cell_types=CELL_TYPES,
     shell:
-        "python -m deepnoise submission --balanced {input.balanced} --sites {input.sites}"
-        " --cell-types {params.cell_types}"
-        " --out {output} > {log} 2>&1"
+        "python -m deepnoise submission --balanced {input.balanced:q} --sites {input.sites:q}"
+        " --cell-types {params.cell_types:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule summary:
@@ -91,5 +91,5 @@ rule summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise summary --metrics {input} --out {output.table}"
-        " --out-text {output.text} > {log} 2>&1"
+        "python -m deepnoise summary --metrics {input:q} --out {output.table:q}"
+        " --out-text {output.text:q} > {log:q} 2>&1"

@@ -19,7 +19,7 @@ rule plot_training:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise plot-training --logs {input} --out {output} > {log} 2>&1"
+        "python -m deepnoise plot-training --logs {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_accuracy:
@@ -38,8 +38,8 @@ rule plot_accuracy:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise plot-summary --kind {wildcards.kind} --summary {input}"
-        " --out {output} > {log} 2>&1"
+        "python -m deepnoise plot-summary --kind {wildcards.kind:q} --summary {input:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_plates:
@@ -56,8 +56,8 @@ rule plot_plates:
     conda:
         CONDA_ENV
     shell:
-        "python -m deepnoise plot-summary --kind plates --metrics {input} --stage balanced"
-        " --out {output} > {log} 2>&1"
+        "python -m deepnoise plot-summary --kind plates --metrics {input:q} --stage balanced"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_composites:
@@ -78,5 +78,5 @@ rule plot_composites:
         # rxrx1-utils' fixed intensity ranges fit real images; the synthetic ones need per-image ranges
         scale="percentile" if SOURCE == "synthetic" else "rxrx1",
     shell:
-        "python -m deepnoise plot-composites --stack {input} --n {params.n} --scale {params.scale}"
-        " --out {output} > {log} 2>&1"
+        "python -m deepnoise plot-composites --stack {input:q} --n {params.n:q} --scale {params.scale:q}"
+        " --out {output:q} > {log:q} 2>&1"

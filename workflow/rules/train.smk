@@ -20,16 +20,16 @@ rule train:
     threads: threads_of("train")
     params:
         hparams=lambda wc: hparams_json(wc.model),
-        val=" ".join(VAL_EXPERIMENTS),
+        val=VAL_EXPERIMENTS,
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
     shell:
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
-        " --sites {input.sites} --classes {input.classes}"
-        " --stacks {input.stacks} --stats {input.stats}"
-        " --val-experiments {params.val} {params.pseudo}"
-        " --checkpoint-dir {params.checkpoints} --threads {threads}"
-        " --out-weights {output.weights} --out-log {output.log_csv} > {log} 2>&1"
+        " --sites {input.sites:q} --classes {input.classes:q}"
+        " --stacks {input.stacks:q} --stats {input.stats:q}"
+        " --val-experiments {params.val:q} {params.pseudo:q}"
+        " --checkpoint-dir {params.checkpoints:q} --threads {threads}"
+        " --out-weights {output.weights:q} --out-log {output.log_csv:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -50,16 +50,16 @@ rule finetune:
     threads: threads_of("train")
     params:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
-        val=" ".join(VAL_EXPERIMENTS),
+        val=VAL_EXPERIMENTS,
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
     shell:
-        "python -m deepnoise train --scope {wildcards.cell_type} --hparams {params.hparams:q}"
-        " --init {input.init} --sites {input.sites} --classes {input.classes}"
-        " --stacks {input.stacks} --stats {input.stats}"
-        " --val-experiments {params.val} {params.pseudo}"
-        " --checkpoint-dir {params.checkpoints} --threads {threads}"
-        " --out-weights {output.weights} --out-log {output.log_csv} > {log} 2>&1"
+        "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
+        " --init {input.init:q} --sites {input.sites:q} --classes {input.classes:q}"
+        " --stacks {input.stacks:q} --stats {input.stats:q}"
+        " --val-experiments {params.val:q} {params.pseudo:q}"
+        " --checkpoint-dir {params.checkpoints:q} --threads {threads}"
+        " --out-weights {output.weights:q} --out-log {output.log_csv:q} > {log:q} 2>&1"
 
 
 rule predict:
@@ -76,10 +76,10 @@ rule predict:
         CONDA_ENV
     threads: threads_of("predict")
     params:
-        experiments=lambda wc: " ".join(predicted_experiments(wc.cell_type)),
+        experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
     shell:
-        "python -m deepnoise predict --weights {input.weights} --sites {input.sites}"
-        " --stacks {input.stacks} --stats {input.stats} --cell-type {wildcards.cell_type}"
-        " --experiments {params.experiments} --batch-size {params.batch_size}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
+        " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
+        " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
+        " --threads {threads} --out {output:q} > {log:q} 2>&1"

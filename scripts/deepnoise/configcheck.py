@@ -1,0 +1,234 @@
+"""Configuration checks run by the Snakefile at parse time, before any job starts. No torch here.
+
+``check_config(config, schema)`` collects every problem of a workflow config and raises one
+``ConfigError`` that lists them, each naming the dotted key at fault and, where the set is closed,
+the allowed values:
+
+* the JSON schema (workflow/schemas/config.schema.yaml): unknown keys, wrong types, out-of-range
+  numbers such as ``rounds: 0``, values outside an enum;
+* every model's merged training keys (``train`` + ``models.<name>`` [+ ``finetune``]) against
+  ``deepnoise.hparams.TrainConfig``, and its ``backbone`` against timm's model registry;
+* the synthetic generator's keys (``deepnoise.synth``) when the source is synthetic;
+* the data folder and its metadata files when the source is rxrx1 or kaggle (the images are checked
+  by the ``sites`` job, so a whole DAG can be planned from the metadata alone).
+
+The timm registry is read from timm's source (the ``@register_model`` functions) rather than by
+importing timm, which imports torch and would add seconds to every ``snakemake`` invocation;
+``tests/test_configcheck.py`` checks that the two agree for the pinned timm.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.metadata
+import importlib.util
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from deepnoise.errors import InputError
+
+# Backbones built by deepnoise itself (deepnoise.models), on top of timm's registry.
+OWN_BACKBONES = ("xception_wide",)
+_REGISTER = re.compile(r"^@register_model\s*\ndef\s+(\w+)\s*\(", re.M)
+
+# The files each real data source needs under data.root (the images folders are checked too).
+SOURCE_FILES = {
+    "rxrx1": ("metadata.csv",),
+    "kaggle": ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv"),
+}
+
+
+class ConfigError(InputError):
+    """A workflow configuration that cannot run; the message lists every problem found."""
+
+
+def dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _close(word: str, options: Iterable[str]) -> str:
+    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _schema_message(error) -> str:
+    """One line per jsonschema error: the dotted key, what is wrong and what is allowed."""
+    key = dotted(error.absolute_path)
+    value = error.instance
+    schema = error.schema
+    kind = error.validator
+    if kind == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed))
+        return "; ".join(
+            f"config {dotted([*error.absolute_path, k])}: unknown key{_close(k, allowed)}; "
+            f"allowed keys under {key}: {', '.join(allowed)}"
+            for k in extra
+        )
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in value]
+        return f"config {key}: missing key {', '.join(missing)}"
+    if kind == "enum":
+        options = [str(v) for v in error.validator_value]
+        hint = _close(str(value), options)
+        return f"config {key}: {value!r} is not allowed{hint}; allowed values: {', '.join(options)}"
+    if kind == "type":
+        want = error.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return f"config {key}: expected {want}, got {_type_name(value)} ({value!r})"
+    if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
+        return f"config {key}: must be {op} {error.validator_value}, got {value!r}"
+    if kind == "minItems":
+        return f"config {key}: needs at least {error.validator_value} item(s), got {value!r}"
+    if kind == "minProperties":
+        return f"config {key}: needs at least {error.validator_value} entry(ies)"
+    if kind == "pattern":
+        return f"config {key}: {value!r} does not match the pattern {error.validator_value}"
+    if kind == "propertyNames":
+        return f"config {key}: invalid name {value!r}; {error.message}"
+    return f"config {key}: {error.message}"
+
+
+def schema_problems(config: dict, schema: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    out = []
+    for e in errors:
+        # `propertyNames` errors carry the offending name in their context
+        if e.validator == "propertyNames":
+            for sub in e.context or [e]:
+                out.append(
+                    f"config {dotted(e.absolute_path)}: invalid name {sub.instance!r} "
+                    f"(letters, digits and '-', starting with a letter or digit)"
+                )
+            continue
+        out.append(_schema_message(e))
+    return out
+
+
+@functools.cache
+def timm_models() -> frozenset[str]:
+    """The names of timm's registered models, read from its source without importing it."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    root = Path(spec.origin).parent / "models"
+    names: set[str] = set()
+    for path in root.glob("*.py"):
+        names.update(_REGISTER.findall(path.read_text(encoding="utf-8")))
+    return frozenset(names)
+
+
+def backbone_problem(name: Any, key: str) -> str | None:
+    """Why ``name`` is not a backbone deepnoise can build (None when it is)."""
+    if not isinstance(name, str):
+        return f"config {key}: expected a string, got {_type_name(name)} ({name!r})"
+    known = timm_models()
+    base = name.split(".", 1)[0]  # a pretrained tag (resnet18.a1_in1k) selects weights only
+    if base in OWN_BACKBONES or base in known:
+        return None
+    if not known:
+        return None  # timm not installed here (the jobs' environment checks at run time)
+    try:
+        version = importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    return (
+        f"config {key}: {name!r} is not a timm {version} model nor one of {', '.join(OWN_BACKBONES)}"
+        f"{_close(base, [*known, *OWN_BACKBONES])}; list them with "
+        f"python -c \"import timm; print(timm.list_models('*xception*'))\""
+    )
+
+
+def data_problems(source: str, root: str) -> list[str]:
+    """Missing data folder or metadata files of an rxrx1 / kaggle source."""
+    if source not in SOURCE_FILES:
+        return []
+    base = Path(root)
+    if not base.is_dir():
+        return [
+            f"config data.root: {root!r} is not a folder (data.source {source} reads "
+            f"{', '.join(SOURCE_FILES[source])} from it)"
+        ]
+    out = []
+    for name in SOURCE_FILES[source]:
+        if not (base / name).is_file():
+            out.append(f"config data.root: {base / name} not found (needed by data.source {source})")
+    return out
+
+
+def train_problems(config: dict) -> list[str]:
+    """Training keys section by section (naming the section that holds a bad key), then every
+    model's merged keys for training and fine-tuning (cross-key rules), and its backbone."""
+    from deepnoise.hparams import TrainConfig
+
+    train = config.get("train") or {}
+    finetune = config.get("finetune") or {}
+    models = config.get("models") or {}
+    out = TrainConfig.key_problems(train, "config train")
+    out += TrainConfig.key_problems(finetune, "config finetune")
+    for name, own in models.items():
+        out += TrainConfig.key_problems(own or {}, f"config models.{name}")
+        problem = backbone_problem({**train, **(own or {})}.get("backbone"), f"models.{name}.backbone")
+        if problem:
+            out.append(problem)
+    if out:
+        return out
+    for name, own in models.items():
+        for extra, where in (({}, f"train + models.{name}"), (finetune, f"train + models.{name} + finetune")):
+            try:
+                TrainConfig.from_dict({**train, **(own or {}), **extra}, source=f"config ({where})")
+            except InputError as exc:
+                if str(exc) not in out:
+                    out.append(str(exc))
+    return out
+
+
+def synthetic_problems(config: dict) -> list[str]:
+    if (config.get("data") or {}).get("source") != "synthetic":
+        return []
+    from deepnoise import synth
+
+    try:
+        synth.validate_config(dict(config.get("synthetic") or {}))
+    except InputError as exc:
+        return [f"config {str(exc).replace('synthetic config: ', 'synthetic: ', 1)}"]
+    return []
+
+
+def check_config(config: dict, schema: dict) -> None:
+    """Raise ``ConfigError`` listing every problem of ``config``; silent when it can run."""
+    problems = schema_problems(config, schema)
+    if not problems:  # the deeper checks assume the schema's shape
+        problems += train_problems(config)
+        problems += synthetic_problems(config)
+        data = config["data"]
+        problems += data_problems(data["source"], data["root"])
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} configuration problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def load_schema(path: str | Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
