@@ -585,192 +585,166 @@ def run_training(
     fail_after_epoch: int | None = None,
 ) -> None:
     """Train (or resume) one model; ``fail_after_epoch`` raises after that epoch's checkpoint (tests)."""
-    rt = setup_runtime(device, threads)
-    guard = checkpoint_lock(checkpoint_dir) if rt.is_main else contextlib.nullcontext()
-    with guard:
-        _run_training(
-            rt=rt,
-            sites=sites,
-            classes=classes,
-            stacks=stacks,
-            stats=stats,
-            hparams=hparams,
-            scope=scope,
-            val_experiments=val_experiments,
-            out_weights=out_weights,
-            out_log=out_log,
-            checkpoint_dir=checkpoint_dir,
-            init=init,
-            pseudo_labels=pseudo_labels,
-            fail_after_epoch=fail_after_epoch,
-        )
-
-
-def _run_training(
-    *,
-    rt: Runtime,
-    sites: str,
-    classes: str,
-    stacks: list[str],
-    stats: list[str],
-    hparams: TrainConfig,
-    scope: str,
-    val_experiments: list[str],
-    out_weights: str,
-    out_log: str,
-    checkpoint_dir: str,
-    init: str | None,
-    pseudo_labels: str | None,
-    fail_after_epoch: int | None,
-) -> None:
     cfg = hparams
-    if rt.cuda and cfg.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    site_table = data.read_sites(sites)
-    class_info = data.read_classes(classes)
-    index = data.StackIndex.build(stacks)
-    pseudo = data.read_pseudo_labels(pseudo_labels) if pseudo_labels else None
-    td = select_wells(site_table, class_info, index, cfg, scope, list(val_experiments), pseudo)
-    mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
+    rt = setup_runtime(device, threads)
+    with contextlib.ExitStack() as guard:
+        if rt.is_main:  # one training per checkpoint directory (see checkpoint_lock)
+            guard.enter_context(checkpoint_lock(checkpoint_dir))
+        if rt.cuda and cfg.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        site_table = data.read_sites(sites)
+        class_info = data.read_classes(classes)
+        index = data.StackIndex.build(stacks)
+        pseudo = data.read_pseudo_labels(pseudo_labels) if pseudo_labels else None
+        td = select_wells(site_table, class_info, index, cfg, scope, list(val_experiments), pseudo)
+        mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
 
-    n_lab = len(td.labelled)
-    per_rank = -(-n_lab // rt.world)
-    if per_rank < 2:
-        raise InputError(f"scope {scope}: {n_lab} labelled wells, too few for {rt.world} process(es)")
-    b_lab = min(cfg.batch_size, per_rank)
-    if b_lab < cfg.batch_size:
-        log.warning(
-            "scope %s: %d labelled wells; batch size %d instead of %d", scope, n_lab, b_lab, cfg.batch_size
-        )
-    b_unl = cfg.unlabelled_per_step(b_lab)
-    steps = per_rank // b_lab
-    use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or pseudo is not None)
-    mc = models.model_config(cfg, td.n_classes, td.n_treatments)
-    trainer = Trainer(cfg, mc, rt, mean, std, steps)
-
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    fingerprint = inputs_fingerprint(
-        [sites, classes, *stacks, *stats, init, pseudo_labels],
-        {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world},
-    )
-    start_epoch, rows = 0, []
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if (
-            _resume_key(ckpt.get("hparams", {})) != _resume_key(dataclasses.asdict(cfg))
-            or ckpt.get("model_config") != mc
-            or ckpt.get("inputs") != fingerprint
-        ):
-            log.warning("%s: other hparams or inputs; starting from scratch", ckpt_path)
-        else:
-            trainer.student.load_state_dict(ckpt["student"])
-            trainer.teacher.load_state_dict(ckpt["teacher"])
-            trainer.optimizer.load_state_dict(ckpt["optimizer"])
-            trainer.step_count = int(ckpt["step_count"])
-            trainer.gen.set_state(ckpt["augment_generator"])  # a CPU ByteTensor, CUDA too
-            set_rng_state(ckpt["rng"])
-            start_epoch, rows = int(ckpt["epoch"]) + 1, list(ckpt["log"])
-            log.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
-    elif init:
-        state = load_weights(init)
-        init_mc = state["model_config"]
-        for key in ("backbone", "head", "n_classes"):
-            if init_mc.get(key) != mc[key]:
-                raise InputError(f"--init {init}: model_config {key} {init_mc.get(key)!r} != {mc[key]!r}")
-        trainer.student.load_state_dict(state["teacher"])
-        trainer.teacher.load_state_dict(state["teacher"])
-
-    pin = rt.cuda
-    lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), crcs=index.crcs)
-    lab_sampler = data.EpochSampler(
-        n_lab, cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
-    )
-    lab_loader = data.make_loader(lab_ds, lab_sampler, b_lab, cfg.num_workers, pin, drop_last=True)
-    unl_loader = unl_sampler = None
-    if use_unl:
-        unl_ds = data.StackDataset(
-            index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), crcs=index.crcs
-        )
-        unl_sampler = data.EpochSampler(
-            len(td.unlabelled),
-            cfg.seed,
-            stream=1,
-            total=steps * b_unl * rt.world,
-            rank=rt.rank,
-            world=rt.world,
-        )
-        unl_loader = data.make_loader(unl_ds, unl_sampler, b_unl, cfg.num_workers, pin, drop_last=True)
-    val_loader = None
-    val_labels = td.validation["sirna_id"].to_numpy()
-    if len(td.validation) and rt.is_main:
-        val_ds = data.StackDataset(index.files, td.validation, val_labels, crcs=index.crcs)
-        val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
-        val_loader = data.make_loader(val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False)
-
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        lr = trainer.start_epoch(epoch)
-        lab_sampler.set_epoch(epoch)
-        unl_iter = None
-        if unl_loader is not None:
-            unl_sampler.set_epoch(epoch)
-            unl_iter = data.device_batches(unl_loader, rt.device)
-        sums: dict[str, torch.Tensor] = {}
-        n_images = 0
-        for i, batch in enumerate(data.device_batches(lab_loader, rt.device)):
-            lab = trainer.to_device(batch)
-            unl = trainer.to_device(next(unl_iter)) if unl_iter is not None else None
-            terms = trainer.step(lab, unl, epoch + i / steps)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_images += lab[0].shape[0] + (unl[0].shape[0] if unl is not None else 0)
-        seconds_train = time.perf_counter() - t0
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        row.update({k: float(v) / steps for k, v in sums.items()})
-        if val_loader is not None:
-            for name, net in (("student", trainer.student), ("teacher", trainer.teacher)):
-                probs, order = trainer.predict_probs(net, val_loader, td.n_treatments)
-                row[f"val_acc_{name}"] = _accuracy(probs, order, val_labels)
-        else:
-            row["val_acc_student"] = row["val_acc_teacher"] = float("nan")
-        row["seconds"] = time.perf_counter() - t0
-        row["images_per_s"] = n_images * rt.world / max(seconds_train, 1e-9)
-        rows.append({k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()})
-        if rt.is_main:
-            log.info(
-                "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
-                epoch,
-                lr,
-                row.get("loss", math.nan),
-                row["val_acc_student"],
-                row["val_acc_teacher"],
-                row["seconds"],
-                row["images_per_s"],
+        n_lab = len(td.labelled)
+        per_rank = -(-n_lab // rt.world)
+        if per_rank < 2:
+            raise InputError(f"scope {scope}: {n_lab} labelled wells, too few for {rt.world} process(es)")
+        b_lab = min(cfg.batch_size, per_rank)
+        if b_lab < cfg.batch_size:
+            log.warning(
+                "scope %s: %d labelled wells; batch size %d instead of %d",
+                scope,
+                n_lab,
+                b_lab,
+                cfg.batch_size,
             )
-        if rt.is_main:
-            save_checkpoint(ckpt_path, trainer, epoch, rows, {"scope": scope, "inputs": fingerprint})
-        _barrier(rt)
-        if fail_after_epoch is not None and epoch == fail_after_epoch:
-            raise RuntimeError(f"injected failure after epoch {epoch}")
+        b_unl = cfg.unlabelled_per_step(b_lab)
+        steps = per_rank // b_lab
+        use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or pseudo is not None)
+        mc = models.model_config(cfg, td.n_classes, td.n_treatments)
+        trainer = Trainer(cfg, mc, rt, mean, std, steps)
 
-    if rt.is_main:
-        weights = {
-            "model_config": mc,
-            "hparams": dataclasses.asdict(cfg),
-            "student": _cpu_state(trainer.student),
-            "teacher": _cpu_state(trainer.teacher),
-            "classes": {"n_treatments": td.n_treatments, "n_controls": td.n_controls},
-            "scope": scope,
-            "epochs": int(cfg.epochs),
-            "val_experiments": list(val_experiments),
-        }
-        with atomic_path(out_weights) as tmp:
-            torch.save(weights, tmp)
-        write_log(out_log, rows)
-    _barrier(rt)
+        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        fingerprint = inputs_fingerprint(
+            [sites, classes, *stacks, *stats, init, pseudo_labels],
+            {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world},
+        )
+        start_epoch, rows = 0, []
+        if ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path)
+            if (
+                _resume_key(ckpt.get("hparams", {})) != _resume_key(dataclasses.asdict(cfg))
+                or ckpt.get("model_config") != mc
+                or ckpt.get("inputs") != fingerprint
+            ):
+                log.warning("%s: other hparams or inputs; starting from scratch", ckpt_path)
+            else:
+                trainer.student.load_state_dict(ckpt["student"])
+                trainer.teacher.load_state_dict(ckpt["teacher"])
+                trainer.optimizer.load_state_dict(ckpt["optimizer"])
+                trainer.step_count = int(ckpt["step_count"])
+                trainer.gen.set_state(ckpt["augment_generator"])  # a CPU ByteTensor, CUDA too
+                set_rng_state(ckpt["rng"])
+                start_epoch, rows = int(ckpt["epoch"]) + 1, list(ckpt["log"])
+                log.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
+        elif init:
+            state = load_weights(init)
+            init_mc = state["model_config"]
+            for key in ("backbone", "head", "n_classes"):
+                if init_mc.get(key) != mc[key]:
+                    raise InputError(f"--init {init}: model_config {key} {init_mc.get(key)!r} != {mc[key]!r}")
+            trainer.student.load_state_dict(state["teacher"])
+            trainer.teacher.load_state_dict(state["teacher"])
+
+        pin = rt.cuda
+        lab_ds = data.StackDataset(
+            index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), crcs=index.crcs
+        )
+        lab_sampler = data.EpochSampler(
+            n_lab, cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
+        )
+        lab_loader = data.make_loader(lab_ds, lab_sampler, b_lab, cfg.num_workers, pin, drop_last=True)
+        unl_loader = unl_sampler = None
+        if use_unl:
+            unl_ds = data.StackDataset(
+                index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), crcs=index.crcs
+            )
+            unl_sampler = data.EpochSampler(
+                len(td.unlabelled),
+                cfg.seed,
+                stream=1,
+                total=steps * b_unl * rt.world,
+                rank=rt.rank,
+                world=rt.world,
+            )
+            unl_loader = data.make_loader(unl_ds, unl_sampler, b_unl, cfg.num_workers, pin, drop_last=True)
+        val_loader = None
+        val_labels = td.validation["sirna_id"].to_numpy()
+        if len(td.validation) and rt.is_main:
+            val_ds = data.StackDataset(index.files, td.validation, val_labels, crcs=index.crcs)
+            val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
+            val_loader = data.make_loader(
+                val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False
+            )
+
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = trainer.start_epoch(epoch)
+            lab_sampler.set_epoch(epoch)
+            unl_iter = None
+            if unl_loader is not None:
+                unl_sampler.set_epoch(epoch)
+                unl_iter = data.device_batches(unl_loader, rt.device)
+            sums: dict[str, torch.Tensor] = {}
+            n_images = 0
+            for i, batch in enumerate(data.device_batches(lab_loader, rt.device)):
+                lab = trainer.to_device(batch)
+                unl = trainer.to_device(next(unl_iter)) if unl_iter is not None else None
+                terms = trainer.step(lab, unl, epoch + i / steps)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_images += lab[0].shape[0] + (unl[0].shape[0] if unl is not None else 0)
+            seconds_train = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            row.update({k: float(v) / steps for k, v in sums.items()})
+            if val_loader is not None:
+                for name, net in (("student", trainer.student), ("teacher", trainer.teacher)):
+                    probs, order = trainer.predict_probs(net, val_loader, td.n_treatments)
+                    row[f"val_acc_{name}"] = _accuracy(probs, order, val_labels)
+            else:
+                row["val_acc_student"] = row["val_acc_teacher"] = float("nan")
+            row["seconds"] = time.perf_counter() - t0
+            row["images_per_s"] = n_images * rt.world / max(seconds_train, 1e-9)
+            rows.append({k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()})
+            if rt.is_main:
+                log.info(
+                    "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
+                    epoch,
+                    lr,
+                    row.get("loss", math.nan),
+                    row["val_acc_student"],
+                    row["val_acc_teacher"],
+                    row["seconds"],
+                    row["images_per_s"],
+                )
+            if rt.is_main:
+                save_checkpoint(ckpt_path, trainer, epoch, rows, {"scope": scope, "inputs": fingerprint})
+            _barrier(rt)
+            if fail_after_epoch is not None and epoch == fail_after_epoch:
+                raise RuntimeError(f"injected failure after epoch {epoch}")
+
+        if rt.is_main:
+            weights = {
+                "model_config": mc,
+                "hparams": dataclasses.asdict(cfg),
+                "student": _cpu_state(trainer.student),
+                "teacher": _cpu_state(trainer.teacher),
+                "classes": {"n_treatments": td.n_treatments, "n_controls": td.n_controls},
+                "scope": scope,
+                "epochs": int(cfg.epochs),
+                "val_experiments": list(val_experiments),
+            }
+            with atomic_path(out_weights) as tmp:
+                torch.save(weights, tmp)
+            write_log(out_log, rows)
+        _barrier(rt)
 
 
 def plot_log(log_csv: str | os.PathLike, png: str | os.PathLike) -> None:
