@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +85,46 @@ def copy_run(src: Path, dst: Path) -> Path:
     """A copy of a finished run (outputs, logs and Snakemake's metadata), timestamps kept."""
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+TIMING_COLUMNS = ["seconds", "images_per_s"]
+
+
+def result_files(root: Path) -> dict[str, Path]:
+    """The workflow's results (figures excluded), by path relative to the working directory."""
+    keep = {".json", ".csv", ".tsv", ".npz", ".pt"}
+    return {
+        str(p.relative_to(root)): p
+        for p in sorted((root / "results").rglob("*"))
+        if p.is_file() and p.suffix in keep and "checkpoints" not in p.parts
+    }
+
+
+def same_content(a: Path, b: Path) -> bool:
+    if a.suffix == ".npz":
+        with np.load(a) as x, np.load(b) as y:
+            return set(x.files) == set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+    if a.suffix == ".pt":
+        import torch
+
+        x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+        return _same_tree(x, y)
+    if a.suffix == ".json":
+        return json.loads(a.read_text()) == json.loads(b.read_text())
+    if a.name == "log.csv":
+        x, y = (pd.read_csv(p).drop(columns=TIMING_COLUMNS, errors="ignore") for p in (a, b))
+        return x.equals(y)
+    return a.read_bytes() == b.read_bytes()
+
+
+def _same_tree(x, y) -> bool:
+    """Exact equality of nested dicts/lists of tensors and plain values (a checkpoint's content)."""
+    import torch
+
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_same_tree(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return type(x) is type(y) and len(x) == len(y) and all(map(_same_tree, x, y))
+    return x == y
