@@ -26,6 +26,7 @@ class Job:
     rule: str
     wildcards: tuple[tuple[str, str], ...]
     reason: str
+    input: str = ""  # the job's input files, as the dry run prints them
 
     def wc(self, key: str) -> str | None:
         return dict(self.wildcards).get(key)
@@ -66,7 +67,8 @@ _BLOCK = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n?)*)", re.M)
 
 
 def plan(workdir: Path, configfile: Path, *targets: str) -> list[Job]:
-    """The jobs `snakemake -n` would run, with their wildcards and reason."""
+    """The jobs `snakemake -n` would run, with their wildcards, reason and input (``targets`` may
+    include options such as ``--forceall``)."""
     proc = snakemake(workdir, "-n", "--cores", "1", "--configfile", str(configfile), *targets)
     text = proc.stdout + proc.stderr
     jobs = []
@@ -75,7 +77,7 @@ def plan(workdir: Path, configfile: Path, *targets: str) -> list[Job]:
         wildcards = tuple(
             tuple(kv.split("=", 1)) for kv in fields.get("wildcards", "").split(", ") if "=" in kv
         )
-        jobs.append(Job(rule, wildcards, fields.get("reason", "")))
+        jobs.append(Job(rule, wildcards, fields.get("reason", ""), fields.get("input", "")))
     if not jobs and "Nothing to be done" not in text:
         raise AssertionError(f"could not read the dry run:\n{text[-4000:]}")
     return [j for j in jobs if j.rule != "all"]

@@ -111,7 +111,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         total_steps = args.steps + args.warmup
 
         def loader(stream: int, batch: int, label_values):
-            ds = data.StackDataset(index.files, wells, label_values, crcs=index.crcs)
+            ds = data.StackDataset(index.files, wells, label_values, index=index)
             sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
             return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
 

@@ -81,10 +81,11 @@ class StackIndex:
     rows: list[dict[tuple[str, int], int]]  # per file: (well, site) -> row
     image_size: int
     crcs: list[np.ndarray]  # per file: CRC-32 of each row, verified on every read
+    site_ids: list[list[str]]  # per file: site id of each row (for error messages)
 
     @classmethod
     def build(cls, stack_files: Sequence[str | os.PathLike]) -> StackIndex:
-        files, keys, rows, sizes, crcs = [], [], [], set(), []
+        files, keys, rows, sizes, crcs, site_ids = [], [], [], set(), [], []
         for path in stack_files:
             path = str(path)
             info = stacks.check_stack(path)
@@ -97,12 +98,13 @@ class StackIndex:
             keys.append(key)
             rows.append({(w, int(s)): i for i, (w, s) in enumerate(zip(wells, sites, strict=True))})
             crcs.append(info["crc32"])
+            site_ids.append(info["site_id"])
         if len(sizes) > 1:
             raise InputError(f"stacks have different image sizes: {sorted(sizes)}")
         size = sizes.pop() if sizes else (0, 0)
         if size[0] != size[1]:
             raise InputError(f"stacks: images must be square, got {size}")
-        return cls(files, keys, rows, int(size[0]), crcs)
+        return cls(files, keys, rows, int(size[0]), crcs, site_ids)
 
     def locate(self, wells: pd.DataFrame) -> pd.DataFrame:
         """Add ``file_idx, row1, row2`` (rows of sites 1 and 2) to a per-well frame."""
@@ -180,11 +182,13 @@ class StackDataset(Dataset):
         files: Sequence[str],
         wells: pd.DataFrame,
         labels: Sequence[int] | None = None,
-        crcs: Sequence[np.ndarray] | None = None,
+        index: StackIndex | None = None,
     ):
-        """``crcs`` (``StackIndex.crcs``): verify every site read against its CRC-32."""
+        """With ``index`` (the ``StackIndex`` of ``files``), every site read is verified against its
+        CRC-32 and a mismatch names the file and the site."""
         self.files = list(files)
-        self.crcs = None if crcs is None else list(crcs)
+        self.crcs = None if index is None else list(index.crcs)
+        self.site_ids = None if index is None else list(index.site_ids)
         self.file_idx = wells["file_idx"].to_numpy(np.int64)
         self.rows = wells[["row1", "row2"]].to_numpy(np.int64)
         self.labels = np.full(len(wells), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
@@ -210,7 +214,7 @@ class StackDataset(Dataset):
         ds = self._images(f)
         if self.crcs is None:
             return ds[row]
-        return stacks.read_site_checked(ds, row, self.crcs[f][row], self.files[f])
+        return stacks.read_site_checked(ds, row, self.crcs[f][row], self.files[f], self.site_ids[f][row])
 
     def __getitem__(self, item):
         if isinstance(item, tuple | list):

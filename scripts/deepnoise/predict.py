@@ -66,7 +66,7 @@ def run_predict(
     index = data.StackIndex.build(stacks)
     wells = index.locate(wells)
     mean, std = data.normalization_arrays(stats, mc["normalization"], index.keys)
-    ds = data.StackDataset(index.files, wells, crcs=index.crcs)
+    ds = data.StackDataset(index.files, wells, index=index)
     sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
     wells_per_batch = max(1, int(batch_size) // 2)  # both sites of a well go through together
     loader = data.make_loader(ds, sampler, wells_per_batch, num_workers, rt.cuda, drop_last=False)

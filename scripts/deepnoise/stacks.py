@@ -216,6 +216,7 @@ def check_stack(path: str | os.PathLike) -> dict:
             out = {
                 "well": _strs(f["well"]),
                 "site_id": _strs(f["site_id"]) if "site_id" in f else [],
+                "well_id": _strs(f["well_id"]) if "well_id" in f else [],
                 "well_type": _strs(f["well_type"]),
                 "site": f["site"][()].astype(int),
                 "crc32": f["crc32"][()].astype(np.uint32),
@@ -227,8 +228,10 @@ def check_stack(path: str | os.PathLike) -> dict:
         raise InputError(
             f"{path}: images are {dtype} {shape}, expected uint8 ({n}, {layout.N_CHANNELS}, H, W); {REBUILD}"
         )
-    if not out["site_id"]:
-        out["site_id"] = [f"{w}_s{s}" for w, s in zip(out["well"], out["site"].tolist(), strict=True)]
+    if not out["site_id"]:  # stacks written by other code: the site table's form, well_id_site
+        wells = out["well_id"] or out["well"]
+        out["site_id"] = [f"{w}_{s}" for w, s in zip(wells, out["site"].tolist(), strict=True)]
+    del out["well_id"]
     for key, values in out.items():
         if len(values) != n:
             raise InputError(f"{path}: dataset {key!r} has {len(values)} rows for {n} sites; {REBUILD}")

@@ -653,9 +653,7 @@ def run_training(
             trainer.teacher.load_state_dict(state["teacher"])
 
         pin = rt.cuda
-        lab_ds = data.StackDataset(
-            index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), crcs=index.crcs
-        )
+        lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), index=index)
         lab_sampler = data.EpochSampler(
             n_lab, cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
         )
@@ -663,7 +661,7 @@ def run_training(
         unl_loader = unl_sampler = None
         if use_unl:
             unl_ds = data.StackDataset(
-                index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), crcs=index.crcs
+                index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), index=index
             )
             unl_sampler = data.EpochSampler(
                 len(td.unlabelled),
@@ -677,7 +675,7 @@ def run_training(
         val_loader = None
         val_labels = td.validation["sirna_id"].to_numpy()
         if len(td.validation) and rt.is_main:
-            val_ds = data.StackDataset(index.files, td.validation, val_labels, crcs=index.crcs)
+            val_ds = data.StackDataset(index.files, td.validation, val_labels, index=index)
             val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
             val_loader = data.make_loader(
                 val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False
