@@ -37,12 +37,12 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def start(workdir: Path, configfile: Path, log: Path) -> subprocess.Popen:
+def start(workdir: Path, configfile: Path, log: Path, *args: str) -> subprocess.Popen:
     """snakemake in a session of its own (so the test can signal its whole process group)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir)]
-    cmd += ["--configfile", str(configfile), "--cores", "1"]
+    cmd += ["--configfile", str(configfile), "--cores", "1", *args]
     with log.open("w") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -61,9 +61,10 @@ def training_in_progress(workdir: Path, after_finished: int) -> Path | None:
     return None
 
 
-def interrupt(workdir: Path, sig: signal.Signals, after_finished: int, log: Path) -> Path:
-    """Run the workflow and send ``sig`` to its process group while a training is mid-run."""
-    proc = start(workdir, tiny_config(workdir), log)
+def interrupt(workdir: Path, sig: signal.Signals, after_finished: int, log: Path, *args: str) -> Path:
+    """Run the workflow and send ``sig`` to its process group while a training is mid-run; the
+    checkpoint directory of that training."""
+    proc = start(workdir, tiny_config(workdir), log, *args)
     deadline = time.monotonic() + 300
     try:
         while (running := training_in_progress(workdir, after_finished)) is None:
@@ -114,42 +115,38 @@ def assert_resumed(log: Path) -> None:
     assert trained and min(trained) == resumed_after + 1, (resumed_after, trained)
 
 
-def test_sigterm_mid_training_then_rerun(reference, tmp_path):
-    workdir = tmp_path / "run"
-    # interrupt the second training of the round, mid-run: the first one's outputs are finished
-    running = interrupt(workdir, signal.SIGTERM, after_finished=1, log=tmp_path / "first.log")
-    before = finished_outputs(workdir)
-    assert any(k.endswith("weights.pt") for k in before), sorted(before)
-
-    # snakemake exited cleanly (no lock left); the rerun plans only what was not finished
-    jobs = plan(workdir, workdir / "config.yaml")
-    assert any(j.rule == "train" and j.wc("model") == running.parent.name for j in jobs), jobs
-    for j in jobs:
-        assert j.rule not in {"synthesize", "sites", "stack", "plate_stats"}, j
-    snakemake(workdir, "--cores", "2", "--configfile", str(workdir / "config.yaml"), "--rerun-incomplete")
-
-    assert_resumed(log_of(workdir, running))
+def unchanged(before: dict[str, int], workdir: Path) -> None:
     after = finished_outputs(workdir)
     touched = [k for k, mtime in before.items() if after.get(k) != mtime]
     assert not touched, f"finished outputs were redone: {touched}"
-    assert_same_results(workdir, reference)
 
 
-def test_sigkill_mid_training_then_unlock_and_rerun(reference, tmp_path):
+def test_killed_runs_resume_and_equal_an_uninterrupted_run(reference, tmp_path):
+    """SIGKILL mid-training, unlock, rerun; SIGTERM mid-training of the next model, rerun; done."""
     workdir = tmp_path / "run"
-    running = interrupt(workdir, signal.SIGKILL, after_finished=0, log=tmp_path / "first.log")
-    before = finished_outputs(workdir)
     configfile = str(workdir / "config.yaml")
 
-    # SIGKILL leaves snakemake's lock behind: a plain rerun refuses, --unlock releases it
-    locked = snakemake(workdir, "--cores", "2", "--configfile", configfile, check=False)
-    assert locked.returncode != 0
-    assert "cannot be locked" in locked.stdout + locked.stderr
+    # 1. SIGKILL while the first training is in its second epoch: snakemake's lock stays behind
+    first = interrupt(workdir, signal.SIGKILL, after_finished=0, log=tmp_path / "run1.log")
+    finished1 = finished_outputs(workdir)
+    assert any(k.startswith("results/stacks/") for k in finished1), sorted(finished1)
+    locked = snakemake(workdir, "--cores", "1", "--configfile", configfile, check=False)
+    assert locked.returncode != 0 and "cannot be locked" in locked.stdout + locked.stderr
     snakemake(workdir, "--unlock", "--configfile", configfile)
-    snakemake(workdir, "--cores", "2", "--configfile", configfile, "--rerun-incomplete")
+    jobs = plan(workdir, workdir / "config.yaml")
+    assert not {j.rule for j in jobs} & {"synthesize", "sites", "stack", "plate_stats"}, jobs
+    assert any(j.rule == "train" and j.wc("model") == first.parent.name for j in jobs), jobs
 
-    assert_resumed(log_of(workdir, running))
-    after = finished_outputs(workdir)
-    touched = [k for k, mtime in before.items() if after.get(k) != mtime]
-    assert not touched, f"finished outputs were redone: {touched}"
+    # 2. the rerun resumes that training from its checkpoint; SIGTERM while the next one is running
+    second = interrupt(workdir, signal.SIGTERM, 1, tmp_path / "run2.log", "--rerun-incomplete")
+    assert second != first
+    assert_resumed(log_of(workdir, first))
+    unchanged(finished1, workdir)
+    finished2 = finished_outputs(workdir)
+    assert f"results/round0/models/{first.parent.name}/all/weights.pt" in finished2
+
+    # 3. SIGTERM let snakemake exit cleanly (no lock): the rerun completes the workflow
+    snakemake(workdir, "--cores", "2", "--configfile", configfile, "--rerun-incomplete")
+    assert_resumed(log_of(workdir, second))
+    unchanged(finished2, workdir)
     assert_same_results(workdir, reference)

@@ -375,8 +375,13 @@ def test_damaged_stack_is_never_used_for_prediction(screen, tmp_path, damage, wo
 def test_damaged_stack_stops_training(screen, tmp_path):
     scr, _ = screen
     stack_files = _copy_screen(scr, tmp_path)
-    edit_pixels(stack_files[0], row=0)
-    with pytest.raises(InputError, match=re.escape(str(stack_files[0]))):
+    with h5py.File(stack_files[0]) as f:
+        n_sites = f["images"].shape[0]
+    for row in range(n_sites):  # every site: training reads one random site per well
+        edit_pixels(stack_files[0], row=row)
+    with pytest.raises(
+        InputError, match=rf"{re.escape(str(stack_files[0]))}: site .* does not match the checksum"
+    ):
         tf.train_tiny(scr, tmp_path / "m", {"epochs": 1}, stacks=[str(p) for p in stack_files])
     assert not (tmp_path / "m" / "weights.pt").exists()
 

@@ -111,7 +111,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         total_steps = args.steps + args.warmup
 
         def loader(stream: int, batch: int, label_values):
-            ds = data.StackDataset(index.files, wells, label_values, index=index)
+            ds = data.StackDataset(index.files, wells, label_values, index=index if args.verify else None)
             sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
             return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
 
@@ -180,6 +180,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "amp_bf16": bool(cfg.amp and rt.cuda),
         "channels_last": bool(cfg.channels_last and rt.cuda),
         "num_workers": cfg.num_workers,
+        "verify_crc": bool(args.verify),
         "model_step_images_per_s": images_per_step * args.steps / model_s,
         "full_step_images_per_s": images_per_step * n / full_s,
         "loader_only_images_per_s": images_per_step * n_load / load_s,
@@ -220,6 +221,12 @@ def register(subparsers) -> None:
         "--unlabelled-batch-size", type=int, default=None, help="with --mean-teacher (default: batch)"
     )
     t.add_argument("--num-workers", type=int, default=4)
+    t.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="verify each site read against its CRC-32, as training does (--no-verify: its cost)",
+    )
     t.add_argument("--mean-teacher", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
