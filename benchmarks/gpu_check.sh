@@ -36,6 +36,7 @@ except InputError as e:
     print("damaged stack refused:", str(e).splitlines()[-1][:160])
 PY
 echo "smoke rc=$?"
+[ -n "$SMOKE_ONLY" ] && exit 0  # SMOKE_ONLY=1: the CUDA smoke alone (~1 min)
 B="python3 -m deepnoise bench train --input-size 512 --batch-size 64 --synthetic --num-workers 12 --device cuda --warmup 3"
 for v in verify no-verify verify no-verify; do
   echo "=== legacy_xception --$v"
