@@ -177,7 +177,6 @@ def check_submissions(subs: list[Submission], cluster: Cluster) -> dict[str, dic
 # --- the workflow on Slurm gives what it gives locally ---------------------------------------------
 
 
-# Columns of the training logs (log.csv) that measure time, not results.
 def test_workflow_on_slurm_equals_local_run(cluster, retry_run, tmp_path):
     # retry_run: started first so that its sleeping jobs overlap with this test
     missing = [str(p.relative_to(REPO)) for p in (SNAKEFILE, TINY) if not p.exists()]
@@ -258,8 +257,9 @@ def test_failed_and_timed_out_jobs_are_retried(cluster, retry_run):
     rules, local, subs = read_log(text)
     assert {rules[j] for j in local} == {"all"}
     records = check_submissions(subs, cluster)
-    by_rule = {rule: [records[s.slurm] for s in subs if s.rule == rule] for rule in ("flaky", "slow", "gpu")}
-    assert Counter(s.rule for s in subs) == {"flaky": 2, "slow": 2, "gpu": 1}, subs
+    rules_ = ("flaky", "slow", "cancelled", "gpu")
+    by_rule = {rule: [records[s.slurm] for s in subs if s.rule == rule] for rule in rules_}
+    assert Counter(s.rule for s in subs) == {"flaky": 2, "slow": 2, "cancelled": 2, "gpu": 1}, subs
 
     # flaky exits 3 on attempt 1: FAILED, resubmitted, COMPLETED
     assert [r["JobState"] for r in by_rule["flaky"]] == ["FAILED", "COMPLETED"]
@@ -273,6 +273,10 @@ def test_failed_and_timed_out_jobs_are_retried(cluster, retry_run):
     assert (first["JobState"], first["TimeLimit"]) == ("TIMEOUT", "1")
     assert (second["JobState"], second["TimeLimit"]) == ("COMPLETED", "2")
     assert (workdir / "slow.txt").read_text().strip() == "2"
+
+    # cancelled runs scancel on itself on attempt 1: CANCELLED is a failure, resubmitted, COMPLETED
+    assert [r["JobState"] for r in by_rule["cancelled"]] == ["CANCELLED", "COMPLETED"]
+    assert (workdir / "cancelled.txt").read_text().strip() == "2"
 
     # gpu=1 becomes a GPU allocation that the job step sees
     assert [r["JobState"] for r in by_rule["gpu"]] == ["COMPLETED"]

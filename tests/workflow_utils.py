@@ -89,6 +89,7 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+# Columns of the training logs (log.csv) that measure time, not results.
 TIMING_COLUMNS = ["seconds", "images_per_s"]
 
 
