@@ -14,12 +14,11 @@ the allowed values:
 
 The timm registry is read from timm's source (the ``@register_model`` functions) rather than by
 importing timm, which imports torch and would add seconds to every ``snakemake`` invocation;
-``tests/test_configcheck.py`` checks that the two agree for the pinned timm.
+``tests/test_reliability.py`` checks that the two agree for the pinned timm.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.metadata
 import importlib.util
@@ -28,13 +27,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from deepnoise.errors import InputError
+from deepnoise.errors import InputError, did_you_mean
 
 # Backbones built by deepnoise itself (deepnoise.models), on top of timm's registry.
 OWN_BACKBONES = ("xception_wide",)
 _REGISTER = re.compile(r"^@register_model\s*\ndef\s+(\w+)\s*\(", re.M)
 
-# The files each real data source needs under data.root (the images folders are checked too).
+# The metadata files each real data source needs under data.root (images: checked by `sites`).
 SOURCE_FILES = {
     "rxrx1": ("metadata.csv",),
     "kaggle": ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv"),
@@ -47,11 +46,6 @@ class ConfigError(InputError):
 
 def dotted(path: Iterable[Any]) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
-
-
-def _close(word: str, options: Iterable[str]) -> str:
-    near = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
 def _type_name(value: Any) -> str:
@@ -76,7 +70,7 @@ def _schema_message(error) -> str:
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(value) - set(allowed))
         return "; ".join(
-            f"config {dotted([*error.absolute_path, k])}: unknown key{_close(k, allowed)}; "
+            f"config {dotted([*error.absolute_path, k])}: unknown key{did_you_mean(k, allowed)}; "
             f"allowed keys under {key}: {', '.join(allowed)}"
             for k in extra
         )
@@ -85,7 +79,7 @@ def _schema_message(error) -> str:
         return f"config {key}: missing key {', '.join(missing)}"
     if kind == "enum":
         options = [str(v) for v in error.validator_value]
-        hint = _close(str(value), options)
+        hint = did_you_mean(str(value), options)
         return f"config {key}: {value!r} is not allowed{hint}; allowed values: {', '.join(options)}"
     if kind == "type":
         want = error.validator_value
@@ -100,8 +94,6 @@ def _schema_message(error) -> str:
         return f"config {key}: needs at least {error.validator_value} entry(ies)"
     if kind == "pattern":
         return f"config {key}: {value!r} does not match the pattern {error.validator_value}"
-    if kind == "propertyNames":
-        return f"config {key}: invalid name {value!r}; {error.message}"
     return f"config {key}: {error.message}"
 
 
@@ -153,7 +145,7 @@ def backbone_problem(name: Any, key: str) -> str | None:
         version = "?"
     return (
         f"config {key}: {name!r} is not a timm {version} model nor one of {', '.join(OWN_BACKBONES)}"
-        f"{_close(base, [*known, *OWN_BACKBONES])}; list them with "
+        f"{did_you_mean(base, [*known, *OWN_BACKBONES])}; list them with "
         f"python -c \"import timm; print(timm.list_models('*xception*'))\""
     )
 

@@ -68,10 +68,6 @@ def read_pseudo_labels(path: str | os.PathLike) -> dict[str, int]:
     return dict(zip(df["well_id"].astype(str), df["sirna_id"].astype(int), strict=True))
 
 
-def _strs(ds) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
-
-
 @dataclass
 class StackIndex:
     """Where each site lives: ``files[i]`` is the stack of plate ``keys[i] = (experiment, plate)``."""

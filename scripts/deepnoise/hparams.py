@@ -7,13 +7,12 @@ parse time, before any job runs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepnoise.errors import InputError
+from deepnoise.errors import InputError, did_you_mean
 
 NORMALIZATIONS = ("plate", "experiment", "cell_type", "negative_control", "none")
 
@@ -101,8 +100,7 @@ class TrainConfig:
         out = []
         for key, value in values.items():
             if key not in fields:
-                near = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
-                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                hint = did_you_mean(key, fields)
                 out.append(f"{source}.{key}: unknown key{hint}; allowed keys: {', '.join(fields)}")
                 continue
             try:

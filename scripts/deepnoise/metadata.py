@@ -162,9 +162,9 @@ def check_files(df: pd.DataFrame, siblings: bool = True) -> None:
 
 def validate(df: pd.DataFrame, cell_types: list[str] | None) -> None:
     for col in ("experiment", "cell_type", "well"):
-        bad = ~df[col].astype(str).str.fullmatch(layout.NAME_PATTERNS[col].pattern)
-        if bad.any():
-            r = df[bad].iloc[0]
+        i = layout.first_unsafe_name(df[col], col)
+        if i is not None:
+            r = df.iloc[i]
             raise InputError(f"site {r.site_id}: {layout.name_problem(col, r[col])}")
     dup = df.site_id.duplicated(keep=False)
     if dup.any():

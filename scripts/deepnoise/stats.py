@@ -33,11 +33,12 @@ import numpy as np
 from deepnoise import layout, stacks
 from deepnoise.atomic import write_text
 from deepnoise.errors import InputError
+from deepnoise.hparams import NORMALIZATIONS
 
 log = logging.getLogger(__name__)
 
 SUBSETS = ("all", "negative_control")
-MODES = ("plate", "experiment", "cell_type", "negative_control", "none")
+MODES = NORMALIZATIONS
 LEVELS = ("plate", "experiment", "cell_type", "pooled")
 
 
@@ -79,8 +80,8 @@ def plate_stats(stack: Path | str) -> dict:
                 if s == "all" or well_type[i] == s:
                     hist[s] += h
                     n_sites[s] += 1
-        attrs = dict(f.attrs)
-    experiment, plate, cell_type = str(attrs["experiment"]), int(attrs["plate"]), str(attrs["cell_type"])
+    attrs = info["attrs"]
+    experiment, plate, cell_type = attrs["experiment"], attrs["plate"], attrs["cell_type"]
     out = {
         "level": "plate",
         "experiment": experiment,

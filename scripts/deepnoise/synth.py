@@ -20,7 +20,6 @@ depend on the thread count or order: the same config gives byte-identical PNGs.
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import json
 import logging
@@ -38,7 +37,7 @@ from PIL import Image
 
 from deepnoise import layout
 from deepnoise.atomic import atomic_path
-from deepnoise.errors import InputError
+from deepnoise.errors import InputError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,7 @@ def validate_config(cfg: dict) -> dict:
     for key in cfg:
         if key not in REQUIRED and key not in DEFAULTS:
             allowed = [*REQUIRED, *DEFAULTS]
-            near = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            hint = did_you_mean(key, allowed)
             raise InputError(
                 f"synthetic config: unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
             )

@@ -587,9 +587,8 @@ def run_training(
     """Train (or resume) one model; ``fail_after_epoch`` raises after that epoch's checkpoint (tests)."""
     cfg = hparams
     rt = setup_runtime(device, threads)
-    with contextlib.ExitStack() as guard:
-        if rt.is_main:  # one training per checkpoint directory (see checkpoint_lock)
-            guard.enter_context(checkpoint_lock(checkpoint_dir))
+    # one training per checkpoint directory (see checkpoint_lock); rank 0 holds it for all ranks
+    with checkpoint_lock(checkpoint_dir) if rt.is_main else contextlib.nullcontext():
         if rt.cuda and cfg.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         random.seed(cfg.seed)
