@@ -57,3 +57,24 @@ def test_ema_update_math():
     assert int(teacher.num_batches_tracked) == 7
     losses.ema_update(teacher, student, 0.0)
     torch.testing.assert_close(teacher.weight, student.weight)
+
+
+def test_ema_decay_capped_by_the_run_length():
+    # 100-step run, window 10%: at most 1 - 1/10 whatever ema_decay says; long runs are unaffected
+    assert losses.ema_decay(50, 0.99, True, total_steps=100, max_window=0.1) == pytest.approx(0.9)
+    assert losses.ema_decay(5, 0.99, True, total_steps=100, max_window=0.1) == pytest.approx(1 - 1 / 6)
+    assert losses.ema_decay(10**6, 0.999, True, total_steps=10**6, max_window=0.1) == pytest.approx(0.999)
+    assert losses.ema_decay(500, 0.99, True, total_steps=100, max_window=0.0) == pytest.approx(0.99)
+
+
+def test_soft_pseudo_label_loss():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]], requires_grad=True)
+    table = torch.tensor([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0]])
+    rows = torch.tensor([0, -1, 1])
+    got = losses.soft_pseudo_label_loss(logits, rows, table)
+    logp = torch.log_softmax(logits.detach(), dim=1)
+    want = -((table[0] * logp[0]).sum() + (table[1] * logp[2]).sum()) / 2
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.all(logits.grad[1] == 0)
+    assert float(losses.soft_pseudo_label_loss(logits.detach(), torch.tensor([-1, -1, -1]), table)) == 0.0

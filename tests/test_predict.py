@@ -3,8 +3,9 @@ import pytest
 import torch
 import train_fixtures as tf
 
-from deepnoise import cli, data, models, train
+from deepnoise import cli, data, models
 from deepnoise.errors import InputError
+from deepnoise.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,10 @@ def test_predict_npz_format_and_tta(trained, tmp_path):
     assert z["probs"].shape == (n, screen.n_treatments) and z["probs"].dtype == np.float32
     np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
     assert set(z["dataset"].tolist()) == {"train", "test"} and z["plate"].dtype.kind == "U"
-    # reference: teacher softmax over treatment logits, mean of 2 sites x 8 dihedral views
+    # reference: the selected model's softmax over treatment logits, mean of 2 sites x 8 views
     state = torch.load(weights, weights_only=True)
     net = models.build_model(state["model_config"]).eval()
-    net.load_state_dict(state["teacher"])
+    net.load_state_dict(state["model"])
     index = data.StackIndex.build(screen.stacks)
     wells = index.locate(data.well_table(data.read_sites(screen.sites)))
     mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
@@ -69,5 +70,5 @@ def test_predict_errors(trained, tmp_path):
     assert cli.main(_args(screen, weights, tmp_path / "x.npz", cell_type="RPE")) == 2
     assert cli.main(_args(screen, weights, tmp_path / "x.npz", experiments=("NOPE-01",))) == 2
     with pytest.raises(InputError, match="cannot read weights"):
-        train.load_weights(tmp_path / "missing.pt")
+        load_weights(tmp_path / "missing.pt")
     assert not (tmp_path / "x.npz").exists()

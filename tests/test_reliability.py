@@ -22,6 +22,7 @@ import train_fixtures as tf
 import yaml
 from workflow_utils import REPO, load_tiny, snakemake, write_config
 
+from deepnoise import checkpoint, weights as weights_file
 from deepnoise import cli, configcheck, data, layout, metadata, models, stacks, train
 from deepnoise.ensemble import load_predictions, save_predictions
 from deepnoise.errors import InputError
@@ -194,7 +195,7 @@ def evil_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "loader", [train.load_checkpoint, train.load_weights, models._load_state_file], ids=lambda f: f.__name__
+    "loader", [checkpoint.load_checkpoint, weights_file.load_weights, models._load_state_file], ids=lambda f: f.__name__
 )
 def test_checkpoints_load_without_running_pickled_code(evil_file, loader):
     path, marker = evil_file
@@ -388,7 +389,7 @@ def test_damaged_stack_stops_training(screen, tmp_path):
 
 def test_corrupt_resume_checkpoint_is_named_and_kept(screen, tmp_path):
     scr, _ = screen
-    ckpt = tmp_path / "m" / "ckpt" / train.CHECKPOINT_NAME
+    ckpt = tmp_path / "m" / "ckpt" / checkpoint.CHECKPOINT_NAME
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(InputError, match=rf"{re.escape(str(ckpt))}: cannot read the resume checkpoint.*rm "):
@@ -403,7 +404,7 @@ def test_corrupt_resume_checkpoint_is_named_and_kept(screen, tmp_path):
 def test_second_training_into_the_same_checkpoints_is_refused(screen, tmp_path):
     scr, _ = screen
     ckpt_dir = tmp_path / "m" / "ckpt"
-    with train.checkpoint_lock(ckpt_dir):
+    with checkpoint.checkpoint_lock(ckpt_dir):
         with pytest.raises(
             InputError, match=rf"{re.escape(str(ckpt_dir))}: checkpoint directory in use by pid {os.getpid()}"
         ):

@@ -67,9 +67,8 @@ def test_resume_is_bit_identical(screen, tmp_path, caplog):
     assert list(a.columns) == train.LOG_COLUMNS and list(a["lr"]) == [2e-3, 2e-3, 1e-3]
     assert full["model_config"]["n_classes"] == screen.n_treatments + screen.n_controls
     assert not all(torch.equal(full["student"][k], full["teacher"][k]) for k in full["student"])
-    # a finished run's checkpoint is reused only for the same inputs: other validation -> retrain
-    _run(screen, tmp_path / "cut", val_experiments=[])
-    assert pd.read_csv(tmp_path / "cut" / "log.csv")["val_acc_teacher"].isna().all()
+    # a finished run's resume checkpoint is deleted with its weights written
+    assert not (tmp_path / "cut" / "ckpt" / "last.pt").exists()
 
 
 def test_tiny_model_beats_chance(screen, tmp_path):
@@ -82,16 +81,14 @@ def test_tiny_model_beats_chance(screen, tmp_path):
     # fewer labelled wells than the batch size: the batch shrinks to them (one step per epoch)
     small = _run(screen, tmp_path / "small", cfg={"epochs": 1, "batch_size": 500})
     assert small["epochs"] == 1
-    train.plot_log(tmp_path / "log.csv", tmp_path / "log.png")
-    assert (tmp_path / "log.png").stat().st_size > 1000
 
 
 def test_finetune_scope_pseudo_labels_and_cli(screen, tmp_path):
     _run(screen, tmp_path / "all", cfg={"epochs": 1})
     test_wells = [w for w in screen.truth if w.startswith("HUVEC-03")]
-    pd.DataFrame({"well_id": test_wells, "sirna_id": [screen.truth[w] for w in test_wells]}).to_csv(
-        tmp_path / "pseudo.csv", index=False
-    )
+    pd.DataFrame(
+        {"well_id": test_wells, "sirna_id": [screen.truth[w] for w in test_wells], "selected": 1}
+    ).to_csv(tmp_path / "pseudo.csv", index=False)
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({**TINY, "epochs": 1, "softmax_only": True}))
     common = [
@@ -236,3 +233,141 @@ def test_several_gpus_relaunch_through_torchrun(monkeypatch):
     assert cmd[5:] == ["-m", "deepnoise", "train", "--scope", "all"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert train._visible_gpus("auto") == 0
+
+
+# ---------------------------------------------------------------- honest models (issue 12)
+
+
+def test_no_teacher_without_mean_teacher(screen, tmp_path):
+    """mean_teacher: false trains, selects, saves and predicts the student; no teacher exists."""
+    w = _run(screen, tmp_path, cfg={"mean_teacher": False, "epochs": 2})
+    assert w["teacher"] is None and w["selected"]["net"] == "student"
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["val_acc_teacher"].isna().all() and log["ema_decay"].isna().all()
+    assert log["val_acc_student"].notna().all()
+    if w["selected"]["epoch"] == 1:  # the last epoch: the saved model is the final student
+        assert all(torch.equal(w["model"][k], w["student"][k]) for k in w["student"])
+    cfg = train.TrainConfig.from_dict({**TINY, "mean_teacher": False})
+    rt = train.setup_runtime("cpu", 1)
+    mc = {**train.models.model_config(cfg, 9, 6)}
+    trainer = train.Trainer(cfg, mc, rt, np.zeros((1, 6)), np.ones((1, 6)), 2)
+    assert trainer.teacher is None and [n for n, _ in trainer.networks()] == ["student"]
+
+
+class _FakeTrainer:
+    selected_name = "teacher"
+
+    def __init__(self):
+        self.selected_net = torch.nn.Linear(1, 1, bias=False)
+
+
+def test_best_validation_epoch_is_selected():
+    """The saved model is the selected network of the epoch with the highest validation accuracy
+    (a tie goes to the later epoch); NaN scores (no validation) select nothing."""
+    trainer, best = _FakeTrainer(), None
+    for epoch, score in enumerate([0.2, 0.5, 0.4, 0.5, 0.3]):
+        with torch.no_grad():
+            trainer.selected_net.weight.fill_(float(epoch))
+        best = train.update_best(best, trainer, epoch, {"val_acc_teacher": score, "val_acc_student": 0.9})
+    assert (best.epoch, best.val_acc) == (3, 0.5)
+    assert float(best.model["weight"]) == 3.0
+    assert train.update_best(None, trainer, 0, {"val_acc_teacher": float("nan")}) is None
+
+
+def test_saved_model_is_the_best_teacher_epoch(screen, tmp_path):
+    w = _run(screen, tmp_path, cfg={"epochs": 4, "ema_max_window": 0.3})
+    log = pd.read_csv(tmp_path / "log.csv")
+    scores = log["val_acc_teacher"].to_numpy()
+    best = int(np.flatnonzero(scores == scores.max())[-1])
+    sel = w["selected"]
+    assert (sel["net"], sel["epoch"], sel["rule"]) == ("teacher", best, "best validation")
+    assert sel["val_acc"] == pytest.approx(scores.max(), abs=1e-7)
+    # the EMA decay is capped on a short run (12 steps): the teacher averages over <= 30% of them
+    assert log["ema_decay"].max() < TINY["ema_decay"], log["ema_decay"].tolist()
+    # without validation the last epoch is saved
+    last = _run(screen, tmp_path / "noval", cfg={"epochs": 2}, val_experiments=[])
+    assert last["selected"]["rule"] == "last epoch" and last["selected"]["epoch"] == 1
+    assert all(torch.equal(last["model"][k], last["teacher"][k]) for k in last["teacher"])
+
+
+def test_round_seeds_differ_and_round_zero_keeps_the_seed(screen, tmp_path):
+    """A round r > 0 with unchanged inputs does not reproduce round r - 1 bit for bit."""
+    assert train.round_seed(7, 0) == 7 and len({train.round_seed(7, r) for r in range(5)}) == 5
+    a = _run(screen, tmp_path / "r0", cfg={"epochs": 1})
+    b = _run(screen, tmp_path / "r1", cfg={"epochs": 1}, round_=1)
+    assert b["round"] == 1 and b["hparams"]["seed"] == train.round_seed(0, 1)
+    assert not all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---------------------------------------------------------------- a rerun equals a fresh run (issue 16)
+
+
+def _ft(screen, out, init, lr, **kw):
+    return _run(
+        screen, out, cfg={"epochs": 2, "lr": lr, "lr_milestones": [], "lr_values": []}, init=str(init),
+        scope="HUVEC", **kw,
+    )  # fmt: skip
+
+
+def test_stale_checkpoint_is_set_aside_and_init_is_loaded(screen, tmp_path, caplog):
+    """The README's "change one setting, rerun": a fine-tune whose folder holds a checkpoint of
+    another lr (or of other --init weights) starts from --init exactly as a fresh run does."""
+    init_a = tmp_path / "a"
+    _run(screen, init_a, cfg={"epochs": 1})
+    fresh = _ft(screen, tmp_path / "fresh", init_a / "weights.pt", 1e-3)
+    # a finished run of another lr kept its checkpoint; an interrupted one of another lr too
+    _ft(screen, tmp_path / "ft", init_a / "weights.pt", 5e-3, keep_checkpoint=True)
+    with caplog.at_level(logging.WARNING, logger="deepnoise.checkpoint"):
+        again = _ft(screen, tmp_path / "ft", init_a / "weights.pt", 1e-3)
+    assert "lr 0.005 -> 0.001" in caplog.text and "moved to" in caplog.text
+    assert not list((tmp_path / "ft" / "ckpt").glob("last.pt*"))  # both gone with the weights written
+    for k in fresh["model"]:
+        assert torch.equal(fresh["model"][k], again["model"][k]), k
+    # the shared weights are rebuilt (other seed): the fine-tune restarts from them
+    init_b = tmp_path / "b"
+    _run(screen, init_b, cfg={"epochs": 1, "seed": 5})
+    with pytest.raises(RuntimeError, match="injected"):
+        _ft(screen, tmp_path / "ft2", init_a / "weights.pt", 1e-3, fail_after_epoch=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepnoise.checkpoint"):
+        rebuilt = _ft(screen, tmp_path / "ft2", init_b / "weights.pt", 1e-3)
+    assert "input contents changed" in caplog.text
+    fresh_b = _ft(screen, tmp_path / "fresh_b", init_b / "weights.pt", 1e-3)
+    for k in fresh_b["model"]:
+        assert torch.equal(fresh_b["model"][k], rebuilt["model"][k]), k
+
+
+def test_fingerprint_hashes_contents_not_mtimes(screen, tmp_path, caplog):
+    import os
+
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(screen, tmp_path, cfg={"epochs": 2}, fail_after_epoch=0)
+    for path in [screen.sites, *screen.stacks, *screen.stats]:
+        os.utime(path, (1e9, 1e9))  # rebuilt with the same contents: still resumed
+    with caplog.at_level(logging.INFO):
+        _run(screen, tmp_path, cfg={"epochs": 2})
+    assert "resuming from" in caplog.text
+    fp = train.checkpoint.inputs_fingerprint([str(screen.sites)], {})
+    assert fp == train.checkpoint.inputs_fingerprint([str(screen.sites)], {})
+    copy = tmp_path / "sites.csv"
+    copy.write_text(screen.sites.read_text().replace("HUVEC-01", "HUVEC-09", 1))
+    assert train.checkpoint.inputs_fingerprint([str(copy)], {}) != fp
+
+
+# ---------------------------------------------------------------- pseudo-label targets
+
+
+def test_soft_and_hard_pseudo_targets(screen, tmp_path):
+    from deepnoise.ensemble import Predictions, save_predictions
+
+    test_wells = sorted(w for w in screen.truth if w.startswith("HUVEC-03") and screen.truth[w] < 6)
+    probs = np.full((len(test_wells), screen.n_treatments), 0.02, np.float32)
+    for i, w in enumerate(test_wells):
+        probs[i, screen.truth[w]] = 1 - 0.02 * (screen.truth[w] and screen.n_treatments - 1)
+    pred = Predictions.from_well_ids(test_wells, "test", probs / probs.sum(1, keepdims=True))
+    save_predictions(pred, tmp_path / "ens.npz")
+    soft = _run(screen, tmp_path / "soft", cfg={"epochs": 1}, soft_targets=[str(tmp_path / "ens.npz")])
+    log = pd.read_csv(tmp_path / "soft" / "log.csv")
+    assert log["loss_pseudo"].iloc[0] > 0 and soft["round"] == 0
+    with pytest.raises(InputError, match="give one, not both"):
+        _run(screen, tmp_path / "x", soft_targets=["a"], pseudo_labels="b")

@@ -143,6 +143,7 @@ TINY = dict(
     num_workers=0,
     consistency_rampup_epochs=1.0,
     ema_decay=0.9,
+    ema_max_window=0.5,
     aug_erase_p=0.25,
 )
 

@@ -56,18 +56,6 @@ def read_classes(path: str | os.PathLike) -> dict:
     return classes
 
 
-def read_pseudo_labels(path: str | os.PathLike) -> dict[str, int]:
-    """``well_id -> sirna_id`` from a pseudo-label CSV (``well_id, ..., sirna_id``)."""
-    try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read pseudo labels: {exc}") from exc
-    for col in ("well_id", "sirna_id"):
-        if col not in df.columns:
-            raise InputError(f"{path}: pseudo labels lack column {col!r}")
-    return dict(zip(df["well_id"].astype(str), df["sirna_id"].astype(int), strict=True))
-
-
 @dataclass
 class StackIndex:
     """Where each site lives: ``files[i]`` is the stack of plate ``keys[i] = (experiment, plate)``."""

@@ -179,6 +179,29 @@ def compute_metrics(
     return result
 
 
+def pseudo_label_metrics(
+    table: pd.DataFrame, sites: pd.DataFrame, test_truth: pd.Series, previous: pd.DataFrame | None
+) -> dict:
+    """Accuracy of a round's pseudo labels against the held-out truth (validation wells: the site
+    table; test wells: the test truth), all rows and the selected ones, and how many labels changed
+    since the previous round. Scoring only: training never sees this."""
+    out: dict = {}
+    for split, dataset in SPLITS.items():
+        truth = truth_from_sites(sites) if split == "validation" else test_truth
+        rows = table[table["dataset"] == dataset]
+        if rows.empty or truth.empty:
+            continue
+        y, has = _lookup(rows["well_id"].to_numpy(str), truth)
+        ok = rows["sirna_id"].to_numpy(np.int64)[has] == y[has]
+        sel = rows["selected"].to_numpy(np.int64)[has] == 1
+        out[split] = {"all": _counts(ok), "selected": _counts(ok[sel])}
+    if previous is not None:
+        from deepnoise.pseudo import changed_labels
+
+        out |= changed_labels(table, previous)
+    return out
+
+
 def summary_rows(metrics: dict) -> list[dict]:
     rows = []
     for st in metrics["stages"]:
@@ -251,6 +274,14 @@ def _run_metrics(args: argparse.Namespace) -> int:
     sites = read_sites(args.sites)
     truth = read_truth(args.truth)
     metrics = compute_metrics(args.round, stages, sites, truth)
+    if args.pseudo_labels:
+        from deepnoise.pseudo import read_pseudo_table
+
+        previous = read_pseudo_table(args.previous_pseudo_labels) if args.previous_pseudo_labels else None
+        metrics["pseudo_labels"] = pseudo_label_metrics(
+            read_pseudo_table(args.pseudo_labels), sites, truth, previous
+        )
+        log.info("pseudo labels of round %d: %s", args.round, metrics["pseudo_labels"])
     write_text(args.out, json.dumps(metrics, indent=1) + "\n")
     print(format_summary(summary_table([metrics])))
     return 0
@@ -304,6 +335,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ensemble", nargs="*", default=[], metavar="NPZ", help="ensemble npz per cell type")
     p.add_argument("--balanced", nargs="*", default=[], metavar="NPZ", help="balanced npz per cell type")
+    p.add_argument("--pseudo-labels", help="this round's pseudo labels: scored against the truth")
+    p.add_argument("--previous-pseudo-labels", help="the previous round's: how many labels changed")
     p.add_argument("--out", required=True, help="metrics JSON")
     p.set_defaults(func=_run_metrics)
 

@@ -55,6 +55,9 @@ class TrainConfig:
     """Teacher EMA decay."""
     ema_warmup: bool = True
     """Warm the decay up as min(1 - 1/(step + 1), ema_decay) (Tarvainen et al.)."""
+    ema_max_window: float = 0.1
+    """Cap the decay at 1 - 1/(ema_max_window * run steps): the teacher averages over at most this
+    fraction of the run (bites on short runs only; 0: no cap)."""
     consistency_weight: float = 10.0
     """Weight of the consistency loss (sum over classes of squared softmax differences)."""
     consistency_rampup_epochs: float = 5.0
@@ -140,6 +143,8 @@ class TrainConfig:
                 bad(key, "must be >= 1")
         if not 0.0 <= self.ema_decay <= 1.0:
             bad("ema_decay", "must be in [0, 1]")
+        if not 0.0 <= self.ema_max_window <= 1.0:
+            bad("ema_max_window", "must be in [0, 1]")
         if self.aug_crop_scale is not None and (
             len(self.aug_crop_scale) != 2 or not 0 < self.aug_crop_scale[0] <= self.aug_crop_scale[1] <= 1
         ):

@@ -38,12 +38,21 @@ def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits[has].float(), targets[has])
 
 
-def ema_decay(step: int, decay: float, warmup: bool) -> float:
-    """Teacher decay at optimiser step ``step`` (0-based): Tarvainen's ``min(1 - 1/(step + 1), decay)``
-    with warm-up, else ``decay``."""
-    if warmup:
-        return min(1.0 - 1.0 / (step + 1.0), decay)
-    return decay
+def ema_decay(
+    step: int, decay: float, warmup: bool, total_steps: int | None = None, max_window: float = 0.0
+) -> float:
+    """Teacher decay at optimiser step ``step`` (0-based).
+
+    With ``warmup``, Tarvainen & Valpola's ramp ``min(1 - 1/(step + 1), decay)``: the teacher starts
+    as the running mean of the student. With ``max_window > 0`` and the run's ``total_steps``, the
+    decay is also capped at ``1 - 1/(max_window * total_steps)``, so the teacher never averages over
+    more than that fraction of the run (0.99 over a 100-step run would otherwise be close to a
+    uniform mean of the whole run from the random initialisation); long runs are unaffected.
+    """
+    value = min(1.0 - 1.0 / (step + 1.0), decay) if warmup else decay
+    if max_window > 0 and total_steps:
+        value = min(value, 1.0 - 1.0 / max(1.0, max_window * total_steps))
+    return value
 
 
 @torch.no_grad()
@@ -61,3 +70,14 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
             tv.copy_(sv)
     if floats_t:
         torch._foreach_lerp_(floats_t, floats_s, 1.0 - decay)
+
+
+def soft_pseudo_label_loss(logits: torch.Tensor, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The paper's L_pSoftmax: cross-entropy ``-sum_c q_c log softmax(logits)_c`` against soft targets
+    ``q = table[rows]`` (the previous round's averaged teacher probabilities), averaged over rows
+    with ``rows >= 0``; 0 (keeping the graph) when none has one."""
+    has = rows >= 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    q = table[rows[has]]
+    return -(q * F.log_softmax(logits[has].float(), dim=1)).sum(dim=1).mean()

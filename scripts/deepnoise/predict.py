@@ -1,4 +1,5 @@
-"""``deepnoise predict``: teacher probabilities per well, averaged over both sites and 8 dihedral views.
+"""``deepnoise predict``: probabilities per well of the selected model (the teacher with the mean
+teacher), averaged over both sites and 8 dihedral views.
 
 Predicted wells: the treatment wells of ``--experiments`` (of ``--cell-type``) in the site table.
 The model and its normalisation mode come from the weights file.
@@ -12,10 +13,11 @@ import logging
 import numpy as np
 import torch
 
-from deepnoise import data, models
-from deepnoise.atomic import atomic_path
+from deepnoise import data, inference, models
+from deepnoise.ensemble import Predictions, save_predictions
 from deepnoise.errors import InputError
-from deepnoise.train import load_weights, predict_probs, setup_runtime
+from deepnoise.train import setup_runtime
+from deepnoise.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def run_predict(
         raise InputError(f"{weights}: weights fine-tuned for {scope!r}, not for cell type {cell_type}")
     mc = state["model_config"]
     net = models.build_model(mc)
-    net.load_state_dict(state["teacher"])
+    net.load_state_dict(state["model"])  # the selected network: teacher with the mean teacher
     net.to(rt.device)
     channels_last = bool(state.get("hparams", {}).get("channels_last", True))
     amp = bool(state.get("hparams", {}).get("amp", True))
@@ -71,12 +73,12 @@ def run_predict(
     wells_per_batch = max(1, int(batch_size) // 2)  # both sites of a well go through together
     loader = data.make_loader(ds, sampler, wells_per_batch, num_workers, rt.cuda, drop_last=False)
     n_t = int(mc["n_treatments"])
-    probs, order = predict_probs(
+    probs, order = inference.predict_probs(
         net,
         loader,
         torch.as_tensor(mean, device=rt.device),
         torch.as_tensor(std, device=rt.device),
-        rt,
+        rt.device,
         int(mc["input_size"]),
         n_t,
         tta=tta,
@@ -85,16 +87,15 @@ def run_predict(
     )
     if not np.array_equal(order, np.arange(len(wells))):
         raise RuntimeError("prediction order does not match the well table")
-    with atomic_path(out) as tmp:
-        np.savez(
-            tmp,
-            well_id=wells["well_id"].to_numpy(str),
-            experiment=wells["experiment"].to_numpy(str),
-            plate=wells["plate"].astype(str).to_numpy(str),
-            well=wells["well"].to_numpy(str),
-            dataset=wells["dataset"].to_numpy(str),
-            probs=probs.astype(np.float32),
-        )
+    pred = Predictions(
+        well_id=wells["well_id"].to_numpy(str),
+        experiment=wells["experiment"].to_numpy(str),
+        plate=wells["plate"].to_numpy(np.int64),
+        well=wells["well"].to_numpy(str),
+        dataset=wells["dataset"].to_numpy(str),
+        probs=probs.astype(np.float32),
+    )
+    save_predictions(pred, out)
     log.info("predicted %d wells of %s -> %s", len(wells), cell_type, out)
 
 
@@ -116,7 +117,9 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="TTA teacher probabilities per well", description=__doc__)
+    p = subparsers.add_parser(
+        "predict", help="TTA probabilities per well of the selected model", description=__doc__
+    )
     p.add_argument("--weights", required=True, help="weights.pt of deepnoise train")
     p.add_argument("--sites", required=True, help="site table CSV")
     p.add_argument("--stacks", nargs="+", required=True, help="HDF5 plate stacks")

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,15 +29,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from deepnoise import augment, data, losses, models
+from deepnoise import augment, checkpoint, data, inference, losses, models, pseudo
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
 from deepnoise.hparams import TrainConfig, load_hparams  # noqa: F401 (re-exported)
+from deepnoise.weights import load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "last.pt"
-LOCK_NAME = ".lock"
 LOG_COLUMNS = [
     "epoch",
     "lr",
@@ -49,6 +47,7 @@ LOG_COLUMNS = [
     "consistency_weight",
     "val_acc_student",
     "val_acc_teacher",
+    "ema_decay",
     "seconds",
     "images_per_s",
 ]
@@ -122,7 +121,7 @@ def _barrier(rt: Runtime) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainer: one optimisation step, usable by train and bench
+# Trainer: the networks, the optimiser and one optimisation step (also used by `deepnoise bench`)
 
 
 def _seed_for(seed: int, *parts: int) -> int:
@@ -132,8 +131,16 @@ def _seed_for(seed: int, *parts: int) -> int:
     return value
 
 
+def round_seed(seed: int, round_: int) -> int:
+    """The seed of pseudo-label round ``round_``: round 0 keeps the configured seed, each later round
+    has its own, so a round never replays the previous round's initialisation, sampling and
+    augmentation."""
+    return int(seed) if int(round_) == 0 else _seed_for(seed, 7919, round_) % (2**31)
+
+
 class Trainer:
-    """Student, EMA teacher, optimiser, augmentation generator and the training step."""
+    """Student, EMA teacher (only with ``mean_teacher``), optimiser, augmentation generator and the
+    training step."""
 
     def __init__(
         self,
@@ -143,17 +150,23 @@ class Trainer:
         norm_mean: np.ndarray,
         norm_std: np.ndarray,
         steps_per_epoch: int,
+        soft_targets: np.ndarray | None = None,
     ):
         self.cfg, self.model_cfg, self.rt = cfg, model_cfg, rt
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.total_steps = self.steps_per_epoch * int(cfg.epochs)
         torch.manual_seed(cfg.seed)
         self.student = models.build_model(model_cfg, pretrained=cfg.pretrained).to(rt.device)
         self.channels_last = cfg.channels_last and rt.cuda
         if self.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
-        self.teacher = copy.deepcopy(self.student)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        # Without the mean teacher there is no teacher at all: the student is trained, selected,
+        # saved, fine-tuned and predicts.
+        self.teacher: torch.nn.Module | None = None
+        if cfg.mean_teacher:
+            self.teacher = copy.deepcopy(self.student)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         self.forward_student = self.student
         if rt.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -166,14 +179,57 @@ class Trainer:
         )
         self.mean = torch.as_tensor(norm_mean, dtype=torch.float32, device=rt.device)
         self.std = torch.as_tensor(norm_std, dtype=torch.float32, device=rt.device)
+        # soft pseudo-label targets (rows indexed by the unlabelled batch's labels), padded to n_classes
+        self.soft_targets = None
+        if soft_targets is not None:
+            padded = np.zeros((len(soft_targets), int(model_cfg["n_classes"])), np.float32)
+            padded[:, : soft_targets.shape[1]] = soft_targets
+            self.soft_targets = torch.as_tensor(padded, device=rt.device)
         self.gen = torch.Generator(device=rt.device)
         self.gen.manual_seed(_seed_for(cfg.seed, rt.rank))
         self.step_count = 0
+        self.last_decay = float("nan")
         self.autocast = cfg.amp and rt.cuda and torch.cuda.is_bf16_supported()
         if cfg.amp and rt.cuda and not self.autocast:
             log.warning("amp: this GPU has no bfloat16 support; training in float32")
         self.crop_scale = tuple(cfg.aug_crop_scale) if cfg.aug_crop_scale is not None else None
 
+    # -- the networks
+    def networks(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("student", self.student)] + ([("teacher", self.teacher)] if self.teacher is not None else [])
+
+    @property
+    def selected_name(self) -> str:
+        """The network that is validated for selection, saved as ``model`` and predicts."""
+        return "teacher" if self.teacher is not None else "student"
+
+    @property
+    def selected_net(self) -> torch.nn.Module:
+        return self.teacher if self.teacher is not None else self.student
+
+    def init_from(self, model_state: dict) -> None:
+        """Start from a trained model (``--init``): student and teacher both."""
+        for _, net in self.networks():
+            net.load_state_dict(model_state)
+
+    def state_dict(self) -> dict:
+        return {
+            "step_count": int(self.step_count),
+            "student": cpu_state(self.student),
+            "teacher": cpu_state(self.teacher) if self.teacher is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "augment_generator": self.gen.get_state().cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])
+        self.gen.set_state(state["augment_generator"])  # a CPU ByteTensor, CUDA too
+
+    # -- one step
     def start_epoch(self, epoch: int) -> float:
         """Set the epoch's learning rate and re-seed the epoch's randomness (resume-safe)."""
         lr = self.cfg.lr_at(epoch)
@@ -181,8 +237,8 @@ class Trainer:
             group["lr"] = lr
         self.gen.manual_seed(_seed_for(self.cfg.seed, self.rt.rank, epoch, 1))
         torch.manual_seed(_seed_for(self.cfg.seed, self.rt.rank, epoch, 2))
-        self.student.train()
-        self.teacher.train()
+        for _, net in self.networks():
+            net.train()
         return lr
 
     def view(self, x: torch.Tensor, norm_idx: torch.Tensor) -> torch.Tensor:
@@ -210,9 +266,17 @@ class Trainer:
             epoch_float, self.cfg.consistency_rampup_epochs
         )
 
+    def pseudo_loss(self, logits: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """Hard: cross-entropy (with the head's margin) on wells with a label >= 0; soft: the paper's
+        L_pSoftmax, cross-entropy against the previous round's averaged teacher probabilities."""
+        if self.soft_targets is not None:
+            return losses.soft_pseudo_label_loss(logits, pseudo, self.soft_targets)
+        return losses.pseudo_label_loss(self.student.head.margin_logits(logits, pseudo), pseudo)
+
     def step(self, labelled, unlabelled=None, epoch_float: float = 0.0) -> dict[str, torch.Tensor]:
         """One optimiser step on device batches ``(uint8 images, norm_idx, labels)``; unlabelled
-        labels are pseudo labels (-1: none). Returns detached loss terms."""
+        labels are pseudo labels (-1: none; rows of ``soft_targets`` in soft mode). Returns detached
+        loss terms."""
         cfg = self.cfg
         x, idx, y = labelled
         n_lab = x.shape[0]
@@ -221,19 +285,18 @@ class Trainer:
             idx = torch.cat([idx, unlabelled[1]])
             pseudo = unlabelled[2]
         student_in = self.view(x, idx)
-        head = self.student.head
         with torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.forward_student(student_in)
         logits = logits.float()
-        loss_ce = F.cross_entropy(head.margin_logits(logits[:n_lab], y), y)
+        loss_ce = F.cross_entropy(self.student.head.margin_logits(logits[:n_lab], y), y)
         loss = loss_ce
         zero = loss_ce.detach() * 0.0
         loss_pl, loss_cons = zero, zero
         if unlabelled is not None and cfg.pseudo_weight > 0:
-            loss_pl = losses.pseudo_label_loss(head.margin_logits(logits[n_lab:], pseudo), pseudo)
+            loss_pl = self.pseudo_loss(logits[n_lab:], pseudo)
             loss = loss + cfg.pseudo_weight * loss_pl
-        weight = self.consistency_ramp(epoch_float) if cfg.mean_teacher else 0.0
-        if cfg.mean_teacher:
+        weight = self.consistency_ramp(epoch_float) if self.teacher is not None else 0.0
+        if self.teacher is not None:
             teacher_in = self.view(x, idx)
             with (
                 torch.no_grad(),
@@ -245,9 +308,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        losses.ema_update(
-            self.teacher, self.student, losses.ema_decay(self.step_count, cfg.ema_decay, cfg.ema_warmup)
-        )
+        if self.teacher is not None:
+            self.last_decay = losses.ema_decay(
+                self.step_count, cfg.ema_decay, cfg.ema_warmup, self.total_steps, cfg.ema_max_window
+            )
+            losses.ema_update(self.teacher, self.student, self.last_decay)
         self.step_count += 1
         return {
             "loss": loss.detach(),
@@ -259,14 +324,13 @@ class Trainer:
 
     @torch.no_grad()
     def predict_probs(self, net: torch.nn.Module, batch_iter, n_treatments: int, tta: bool = False):
-        """Per-well treatment probabilities averaged over both sites (and 8 dihedral views if
-        ``tta``), from ``(uint8 (B, 2, 6, H, W), norm_idx, ...)`` batches."""
-        return predict_probs(
+        """Per-well treatment probabilities of ``net`` (see ``inference.predict_probs``)."""
+        return inference.predict_probs(
             net,
             batch_iter,
             self.mean,
             self.std,
-            self.rt,
+            self.rt.device,
             self.cfg.input_size,
             n_treatments,
             tta,
@@ -275,46 +339,8 @@ class Trainer:
         )
 
 
-@torch.no_grad()
-def predict_probs(
-    net: torch.nn.Module,
-    batches,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    rt: Runtime,
-    input_size: int,
-    n_treatments: int,
-    tta: bool,
-    amp: bool = True,
-    channels_last: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(probs (n, n_treatments) float32, well indices)``; softmax over the treatment logits only."""
-    was_training = net.training
-    net.eval()
-    out, order = [], []
-    views = range(8) if tta else (0,)
-    amp = amp and rt.cuda and torch.cuda.is_bf16_supported()
-    for batch in batches:
-        x = batch[0].to(rt.device, non_blocking=rt.cuda)
-        norm_idx = batch[1].to(rt.device, non_blocking=rt.cuda)
-        b = x.shape[0]
-        x = data.normalize_batch(x, norm_idx, mean, std)  # (B, 2, 6, H, W)
-        x = augment.resize(x.flatten(0, 1), input_size)  # (2B, 6, S, S)
-        acc = torch.zeros(b, n_treatments, device=rt.device)
-        for k in views:
-            v = augment.dihedral(x, k)
-            if channels_last and rt.cuda:
-                v = v.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(v)
-            p = F.softmax(logits.float()[:, :n_treatments], dim=1)
-            acc += p.view(b, 2, n_treatments).sum(dim=1)
-        out.append((acc / (2 * len(views))).cpu())
-        order.append(batch[3])
-    net.train(was_training)
-    if not out:
-        return np.zeros((0, n_treatments), np.float32), np.zeros(0, np.int64)
-    return torch.cat(out).numpy().astype(np.float32), torch.cat(order).numpy()
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +366,10 @@ def select_wells(
     scope: str,
     val_experiments: list[str],
     pseudo: dict[str, int] | None,
+    soft: bool = False,
 ) -> TrainData:
+    """Labelled, unlabelled and validation wells of ``scope``. ``pseudo`` maps unlabelled wells to a
+    hard label (``soft=False``) or to a row of the soft-target table (``soft=True``); -1: none."""
     n_t, n_c = int(classes["n_treatments"]), int(classes["n_controls"])
     n_classes = n_t + n_c if cfg.controls_as_classes else n_t
     wells = data.well_table(sites)
@@ -366,9 +395,10 @@ def select_wells(
     unlabelled = wells[unl_mask].copy()
     pseudo = pseudo or {}
     unlabelled["pseudo"] = [int(pseudo.get(w, -1)) for w in unlabelled["well_id"]]
-    bad = unlabelled[unlabelled["pseudo"] >= n_classes]
-    if len(bad):
-        raise InputError(f"pseudo labels: well {bad['well_id'].iloc[0]} has sirna_id >= {n_classes}")
+    if not soft:
+        bad = unlabelled[unlabelled["pseudo"] >= n_classes]
+        if len(bad):
+            raise InputError(f"pseudo labels: well {bad['well_id'].iloc[0]} has sirna_id >= {n_classes}")
     validation = wells[in_val & (wells["well_type"] == "treatment") & (wells["sirna_id"] >= 0)]
     if len(labelled) == 0:
         raise InputError(f"scope {scope}: no labelled training wells")
@@ -384,175 +414,71 @@ def select_wells(
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Loaders
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_has_gauss": int(np_state[3]),
-        "numpy_cached_gauss": float(np_state[4]),
-        "python": torch.tensor(py_state[1], dtype=torch.int64),
-        "python_version": int(py_state[0]),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Loaders:
+    steps: int
+    labelled: Any
+    labelled_sampler: data.EpochSampler
+    unlabelled: Any = None
+    unlabelled_sampler: data.EpochSampler | None = None
+    validation: Any = None
+    val_labels: np.ndarray | None = None
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy_keys"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            state["numpy_has_gauss"],
-            state["numpy_cached_gauss"],
+def batch_sizes(cfg: TrainConfig, n_lab: int, world: int, scope: str) -> tuple[int, int, int]:
+    """``(labelled per step, unlabelled per step, steps per epoch)`` for ``n_lab`` labelled wells."""
+    per_rank = -(-n_lab // world)
+    if per_rank < 2:
+        raise InputError(f"scope {scope}: {n_lab} labelled wells, too few for {world} process(es)")
+    b_lab = min(cfg.batch_size, per_rank)
+    if b_lab < cfg.batch_size:
+        log.warning(
+            "scope %s: %d labelled wells; batch size %d instead of %d", scope, n_lab, b_lab, cfg.batch_size
         )
+    return b_lab, cfg.unlabelled_per_step(b_lab), per_rank // b_lab
+
+
+def make_loaders(
+    cfg: TrainConfig, td: TrainData, rt: Runtime, b_lab: int, b_unl: int, steps: int, use_unl: bool
+) -> Loaders:
+    index, pin = td.index, rt.cuda
+    lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), index=index)
+    lab_sampler = data.EpochSampler(
+        len(td.labelled), cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
     )
-    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def save_checkpoint(path: Path, trainer: Trainer, epoch: int, rows: list[dict], extra: dict) -> None:
-    state = {
-        "epoch": int(epoch),
-        "step_count": int(trainer.step_count),
-        "hparams": dataclasses.asdict(trainer.cfg),
-        "model_config": trainer.model_cfg,
-        "student": _cpu_state(trainer.student),
-        "teacher": _cpu_state(trainer.teacher),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": {"last_epoch": int(epoch), "lr": trainer.cfg.lr_at(epoch)},
-        "sampler": {"seed": int(trainer.cfg.seed), "epoch": int(epoch)},
-        "augment_generator": trainer.gen.get_state().cpu(),
-        "rng": rng_state(),
-        "log": rows,
-        **extra,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-# hparams that do not change the trained weights: a checkpoint resumes across them
-RESUME_IGNORED = ("num_workers", "val_batch_size")
-
-
-def _resume_key(hparams: dict) -> dict:
-    return {k: v for k, v in hparams.items() if k not in RESUME_IGNORED}
-
-
-def inputs_fingerprint(files: list[str | None], extra: dict) -> str:
-    """Identity of a run's inputs: (path, size, mtime) of every input file plus ``extra``. A
-    checkpoint of other inputs (new stacks, pseudo labels, init weights) is not resumed."""
-    import hashlib
-
-    parts = [json.dumps(extra, sort_keys=True)]
-    for f in files:
-        if f:
-            st = os.stat(f)
-            parts.append(f"{f}|{st.st_size}|{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-CHECKPOINT_KEYS = (
-    "epoch",
-    "step_count",
-    "hparams",
-    "model_config",
-    "student",
-    "teacher",
-    "optimizer",
-    "augment_generator",
-    "rng",
-    "log",
-    "inputs",
-)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A resume checkpoint; ``InputError`` naming the file when it cannot be used (never skipped:
-    silently restarting would throw away the epochs it holds)."""
-    hint = f"delete it to train this model from scratch: rm {path}"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint names the file
-        raise InputError(
-            f"{path}: cannot read the resume checkpoint (truncated or corrupt: {exc}); {hint}"
-        ) from exc
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise InputError(f"{path}: not a deepnoise resume checkpoint (lacks {missing}); {hint}")
-    return state
-
-
-@contextlib.contextmanager
-def checkpoint_lock(checkpoint_dir: str | os.PathLike):
-    """Hold an exclusive lock on a checkpoint directory for the whole training run.
-
-    A second training of the same model and round (a rerun started while an orphaned job still
-    runs) fails at once instead of interleaving its checkpoints with the first. The kernel drops the
-    lock when the process dies, whatever the signal, so a killed job never leaves a stale lock.
-    File systems without ``flock`` (some Lustre mounts) only get a warning.
-    """
-    import fcntl
-    import socket
-
-    directory = Path(checkpoint_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise InputError(
-                f"{directory}: checkpoint directory in use by {holder}; two trainings of the same "
-                "model would overwrite each other's checkpoints. Wait for it or kill it, then rerun"
-            ) from exc
-        except OSError as exc:
-            log.warning("%s: cannot lock (%s); continuing without a lock", path, exc)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        yield
-
-
-def load_weights(path: str | os.PathLike) -> dict:
-    """A ``weights.pt`` file (``model_config``, ``student``, ``teacher``, ``hparams``, ...)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(
-            f"{path}: cannot read weights (truncated or corrupt: {exc}); delete it and rerun: "
-            "Snakemake retrains it"
-        ) from exc
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: not a deepnoise weights file")
-    for key in ("model_config", "teacher", "student"):
-        if key not in state:
-            raise InputError(f"{path}: weights lack {key!r}")
-    return state
+    out = Loaders(
+        steps, data.make_loader(lab_ds, lab_sampler, b_lab, cfg.num_workers, pin, drop_last=True), lab_sampler
+    )
+    if use_unl:
+        unl_ds = data.StackDataset(
+            index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), index=index
+        )
+        out.unlabelled_sampler = data.EpochSampler(
+            len(td.unlabelled),
+            cfg.seed,
+            stream=1,
+            total=steps * b_unl * rt.world,
+            rank=rt.rank,
+            world=rt.world,
+        )
+        out.unlabelled = data.make_loader(
+            unl_ds, out.unlabelled_sampler, b_unl, cfg.num_workers, pin, drop_last=True
+        )
+    out.val_labels = td.validation["sirna_id"].to_numpy()
+    if len(td.validation) and rt.is_main:
+        val_ds = data.StackDataset(index.files, td.validation, out.val_labels, index=index)
+        val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
+        out.validation = data.make_loader(
+            val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# The training run
-
-
-def _fmt(v: Any) -> Any:
-    return round(v, 8) if isinstance(v, float) else v
+# The training run: resume or init, epochs, selection, weights
 
 
 def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -560,10 +486,140 @@ def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
         pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(tmp, index=False)
 
 
-def _accuracy(probs: np.ndarray, order: np.ndarray, labels: np.ndarray) -> float:
-    if len(order) == 0:
-        return float("nan")
-    return float((probs.argmax(axis=1) == labels[order]).mean())
+def _fmt(v: Any) -> Any:
+    return round(v, 8) if isinstance(v, float) else v
+
+
+@dataclass
+class Best:
+    """The selected network's state at its best validation epoch so far."""
+
+    epoch: int
+    val_acc: float
+    model: dict
+
+    def as_record(self) -> dict:
+        return {"epoch": self.epoch, "val_acc": self.val_acc, "model": self.model}
+
+
+def resume_or_init(
+    trainer: Trainer,
+    ckpt_path: Path,
+    mc: dict,
+    fingerprint: str,
+    init: str | None,
+    rt: Runtime,
+) -> tuple[int, list[dict], Best | None]:
+    """``(first epoch, log rows, best so far)``. A checkpoint of this recipe and these input contents
+    is resumed; any other is moved aside, and the run starts as a fresh one would: from ``--init``
+    when given (a fine-tune, a warm-started round), else from the backbone's initialisation."""
+    if ckpt_path.exists():
+        ckpt = checkpoint.load_checkpoint(ckpt_path)
+        why = checkpoint.mismatch(ckpt, dataclasses.asdict(trainer.cfg), mc, fingerprint)
+        if why is None:
+            trainer.load_state_dict(ckpt["trainer"])
+            checkpoint.set_rng_state(ckpt["rng"])
+            best = Best(**ckpt["best"]) if ckpt.get("best") else None
+            log.info("resuming from %s after epoch %d", ckpt_path, int(ckpt["epoch"]))
+            return int(ckpt["epoch"]) + 1, list(ckpt["log"]), best
+        _barrier(rt)  # every rank has read it before rank 0 moves it
+        if rt.is_main:
+            checkpoint.set_aside(ckpt_path, why)
+    if init:
+        state = load_weights(init)
+        for key in ("backbone", "head", "n_classes"):
+            if state["model_config"].get(key) != mc[key]:
+                raise InputError(
+                    f"--init {init}: model_config {key} {state['model_config'].get(key)!r} != {mc[key]!r}"
+                )
+        trainer.init_from(state["model"])
+        log.info(
+            "starting from --init %s (%s of epoch %s)",
+            init,
+            state["selected"]["net"],
+            state["selected"]["epoch"],
+        )
+    return 0, [], None
+
+
+def train_one_epoch(trainer: Trainer, loaders: Loaders, epoch: int) -> tuple[dict, int, float]:
+    """``(mean loss terms, images seen, seconds)`` of one epoch."""
+    t0 = time.perf_counter()
+    loaders.labelled_sampler.set_epoch(epoch)
+    unl_iter = None
+    if loaders.unlabelled is not None:
+        loaders.unlabelled_sampler.set_epoch(epoch)
+        unl_iter = data.device_batches(loaders.unlabelled, trainer.rt.device)
+    sums: dict[str, torch.Tensor] = {}
+    n_images = 0
+    for i, batch in enumerate(data.device_batches(loaders.labelled, trainer.rt.device)):
+        lab = trainer.to_device(batch)
+        unl = trainer.to_device(next(unl_iter)) if unl_iter is not None else None
+        for k, v in trainer.step(lab, unl, epoch + i / loaders.steps).items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_images += lab[0].shape[0] + (unl[0].shape[0] if unl is not None else 0)
+    return {k: float(v) / loaders.steps for k, v in sums.items()}, n_images, time.perf_counter() - t0
+
+
+def validate(trainer: Trainer, loaders: Loaders, n_treatments: int) -> dict[str, float]:
+    """Validation accuracy of the student and, with the mean teacher, of the teacher (NaN: none)."""
+    out = {"val_acc_student": float("nan"), "val_acc_teacher": float("nan")}
+    if loaders.validation is not None:
+        for name, net in trainer.networks():
+            probs, order = trainer.predict_probs(net, loaders.validation, n_treatments)
+            out[f"val_acc_{name}"] = inference.accuracy(probs, order, loaders.val_labels)
+    return out
+
+
+def update_best(best: Best | None, trainer: Trainer, epoch: int, scores: dict) -> Best | None:
+    """The paper's model selection: keep the selected network (the teacher with the mean teacher)
+    of the epoch with the highest validation accuracy; a tie goes to the later epoch."""
+    score = scores[f"val_acc_{trainer.selected_name}"]
+    if math.isnan(score):
+        return best
+    if best is None or score >= best.val_acc:
+        return Best(epoch, float(score), cpu_state(trainer.selected_net))
+    return best
+
+
+def weights_record(
+    trainer: Trainer, td: TrainData, best: Best | None, scope: str, val: list[str], round_: int
+) -> dict:
+    cfg = trainer.cfg
+    if best is not None:
+        model, selected = (
+            best.model,
+            {"epoch": best.epoch, "val_acc": best.val_acc, "rule": "best validation"},
+        )
+    else:
+        model = cpu_state(trainer.selected_net)
+        selected = {"epoch": int(cfg.epochs) - 1, "val_acc": float("nan"), "rule": "last epoch"}
+    return {
+        "model_config": trainer.model_cfg,
+        "hparams": dataclasses.asdict(cfg),
+        "model": model,
+        "student": cpu_state(trainer.student),
+        "teacher": cpu_state(trainer.teacher) if trainer.teacher is not None else None,
+        "selected": {"net": trainer.selected_name, **selected},
+        "classes": {"n_treatments": td.n_treatments, "n_controls": td.n_controls},
+        "scope": scope,
+        "round": int(round_),
+        "epochs": int(cfg.epochs),
+        "val_experiments": list(val),
+    }
+
+
+def read_pseudo(hard: str | None, soft: list[str] | None) -> tuple[dict[str, int] | None, np.ndarray | None]:
+    """``(well -> label or soft-target row, soft-target table)`` of ``--pseudo-labels`` (hard, the
+    selected rows of a pseudo-label CSV) or ``--soft-targets`` (ensemble npz files)."""
+    if hard and soft:
+        raise InputError("--pseudo-labels and --soft-targets: give one, not both")
+    if hard:
+        return pseudo.read_hard_labels(hard), None
+    if soft:
+        wells, probs = pseudo.read_soft_targets(soft)
+        return {w: i for i, w in enumerate(wells)}, probs
+    return None, None
 
 
 def run_training(
@@ -580,198 +636,94 @@ def run_training(
     checkpoint_dir: str,
     init: str | None = None,
     pseudo_labels: str | None = None,
+    soft_targets: list[str] | None = None,
+    round_: int = 0,
+    keep_checkpoint: bool = False,
     device: str = "auto",
     threads: int | None = None,
     fail_after_epoch: int | None = None,
 ) -> None:
     """Train (or resume) one model; ``fail_after_epoch`` raises after that epoch's checkpoint (tests)."""
-    cfg = hparams
+    cfg = dataclasses.replace(hparams, seed=round_seed(hparams.seed, round_))
     rt = setup_runtime(device, threads)
     # one training per checkpoint directory (see checkpoint_lock); rank 0 holds it for all ranks
-    with checkpoint_lock(checkpoint_dir) if rt.is_main else contextlib.nullcontext():
+    with checkpoint.checkpoint_lock(checkpoint_dir) if rt.is_main else contextlib.nullcontext():
         if rt.cuda and cfg.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        site_table = data.read_sites(sites)
-        class_info = data.read_classes(classes)
         index = data.StackIndex.build(stacks)
-        pseudo = data.read_pseudo_labels(pseudo_labels) if pseudo_labels else None
-        td = select_wells(site_table, class_info, index, cfg, scope, list(val_experiments), pseudo)
+        targets, soft_table = read_pseudo(pseudo_labels, soft_targets)
+        td = select_wells(
+            data.read_sites(sites),
+            data.read_classes(classes),
+            index,
+            cfg,
+            scope,
+            list(val_experiments),
+            targets,
+            soft=soft_table is not None,
+        )
         mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
-
-        n_lab = len(td.labelled)
-        per_rank = -(-n_lab // rt.world)
-        if per_rank < 2:
-            raise InputError(f"scope {scope}: {n_lab} labelled wells, too few for {rt.world} process(es)")
-        b_lab = min(cfg.batch_size, per_rank)
-        if b_lab < cfg.batch_size:
-            log.warning(
-                "scope %s: %d labelled wells; batch size %d instead of %d",
-                scope,
-                n_lab,
-                b_lab,
-                cfg.batch_size,
-            )
-        b_unl = cfg.unlabelled_per_step(b_lab)
-        steps = per_rank // b_lab
-        use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or pseudo is not None)
+        b_lab, b_unl, steps = batch_sizes(cfg, len(td.labelled), rt.world, scope)
+        use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or targets is not None)
         mc = models.model_config(cfg, td.n_classes, td.n_treatments)
-        trainer = Trainer(cfg, mc, rt, mean, std, steps)
+        trainer = Trainer(cfg, mc, rt, mean, std, steps, soft_targets=soft_table)
 
-        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        fingerprint = inputs_fingerprint(
-            [sites, classes, *stacks, *stats, init, pseudo_labels],
-            {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world},
+        ckpt_path = Path(checkpoint_dir) / checkpoint.CHECKPOINT_NAME
+        fingerprint = checkpoint.inputs_fingerprint(
+            [sites, classes, *stacks, *stats, init, pseudo_labels, *(soft_targets or [])],
+            {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world, "round": round_},
         )
-        start_epoch, rows = 0, []
-        if ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path)
-            if (
-                _resume_key(ckpt.get("hparams", {})) != _resume_key(dataclasses.asdict(cfg))
-                or ckpt.get("model_config") != mc
-                or ckpt.get("inputs") != fingerprint
-            ):
-                log.warning("%s: other hparams or inputs; starting from scratch", ckpt_path)
-            else:
-                trainer.student.load_state_dict(ckpt["student"])
-                trainer.teacher.load_state_dict(ckpt["teacher"])
-                trainer.optimizer.load_state_dict(ckpt["optimizer"])
-                trainer.step_count = int(ckpt["step_count"])
-                trainer.gen.set_state(ckpt["augment_generator"])  # a CPU ByteTensor, CUDA too
-                set_rng_state(ckpt["rng"])
-                start_epoch, rows = int(ckpt["epoch"]) + 1, list(ckpt["log"])
-                log.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
-        elif init:
-            state = load_weights(init)
-            init_mc = state["model_config"]
-            for key in ("backbone", "head", "n_classes"):
-                if init_mc.get(key) != mc[key]:
-                    raise InputError(f"--init {init}: model_config {key} {init_mc.get(key)!r} != {mc[key]!r}")
-            trainer.student.load_state_dict(state["teacher"])
-            trainer.teacher.load_state_dict(state["teacher"])
-
-        pin = rt.cuda
-        lab_ds = data.StackDataset(index.files, td.labelled, td.labelled["sirna_id"].to_numpy(), index=index)
-        lab_sampler = data.EpochSampler(
-            n_lab, cfg.seed, stream=0, total=steps * b_lab * rt.world, rank=rt.rank, world=rt.world
-        )
-        lab_loader = data.make_loader(lab_ds, lab_sampler, b_lab, cfg.num_workers, pin, drop_last=True)
-        unl_loader = unl_sampler = None
-        if use_unl:
-            unl_ds = data.StackDataset(
-                index.files, td.unlabelled, td.unlabelled["pseudo"].to_numpy(), index=index
-            )
-            unl_sampler = data.EpochSampler(
-                len(td.unlabelled),
-                cfg.seed,
-                stream=1,
-                total=steps * b_unl * rt.world,
-                rank=rt.rank,
-                world=rt.world,
-            )
-            unl_loader = data.make_loader(unl_ds, unl_sampler, b_unl, cfg.num_workers, pin, drop_last=True)
-        val_loader = None
-        val_labels = td.validation["sirna_id"].to_numpy()
-        if len(td.validation) and rt.is_main:
-            val_ds = data.StackDataset(index.files, td.validation, val_labels, index=index)
-            val_sampler = data.EpochSampler(len(val_ds), cfg.seed, shuffle=False, random_site=False)
-            val_loader = data.make_loader(
-                val_ds, val_sampler, cfg.val_batch_size, cfg.num_workers, pin, False
-            )
-
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        start_epoch, rows, best = resume_or_init(trainer, ckpt_path, mc, fingerprint, init, rt)
+        loaders = make_loaders(cfg, td, rt, b_lab, b_unl, steps, use_unl)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             lr = trainer.start_epoch(epoch)
-            lab_sampler.set_epoch(epoch)
-            unl_iter = None
-            if unl_loader is not None:
-                unl_sampler.set_epoch(epoch)
-                unl_iter = data.device_batches(unl_loader, rt.device)
-            sums: dict[str, torch.Tensor] = {}
-            n_images = 0
-            for i, batch in enumerate(data.device_batches(lab_loader, rt.device)):
-                lab = trainer.to_device(batch)
-                unl = trainer.to_device(next(unl_iter)) if unl_iter is not None else None
-                terms = trainer.step(lab, unl, epoch + i / steps)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_images += lab[0].shape[0] + (unl[0].shape[0] if unl is not None else 0)
-            seconds_train = time.perf_counter() - t0
-            row: dict[str, Any] = {"epoch": epoch, "lr": lr}
-            row.update({k: float(v) / steps for k, v in sums.items()})
-            if val_loader is not None:
-                for name, net in (("student", trainer.student), ("teacher", trainer.teacher)):
-                    probs, order = trainer.predict_probs(net, val_loader, td.n_treatments)
-                    row[f"val_acc_{name}"] = _accuracy(probs, order, val_labels)
-            else:
-                row["val_acc_student"] = row["val_acc_teacher"] = float("nan")
+            terms, n_images, seconds_train = train_one_epoch(trainer, loaders, epoch)
+            scores = validate(trainer, loaders, td.n_treatments)
+            best = update_best(best, trainer, epoch, scores)
+            row = {"epoch": epoch, "lr": lr, **terms, **scores, "ema_decay": trainer.last_decay}
             row["seconds"] = time.perf_counter() - t0
             row["images_per_s"] = n_images * rt.world / max(seconds_train, 1e-9)
             rows.append({k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()})
             if rt.is_main:
                 log.info(
                     "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
-                    epoch,
-                    lr,
-                    row.get("loss", math.nan),
-                    row["val_acc_student"],
-                    row["val_acc_teacher"],
-                    row["seconds"],
-                    row["images_per_s"],
-                )
-            if rt.is_main:
-                save_checkpoint(ckpt_path, trainer, epoch, rows, {"scope": scope, "inputs": fingerprint})
+                    epoch, lr, row.get("loss", math.nan), row["val_acc_student"], row["val_acc_teacher"],
+                    row["seconds"], row["images_per_s"],
+                )  # fmt: skip
+                record = {
+                    "epoch": epoch,
+                    "hparams": dataclasses.asdict(cfg),
+                    "model_config": mc,
+                    "inputs": fingerprint,
+                    "log": rows,
+                    "rng": checkpoint.rng_state(),
+                    "trainer": trainer.state_dict(),
+                    "best": best.as_record() if best is not None else None,
+                    "scope": scope,
+                }
+                checkpoint.save_checkpoint(ckpt_path, record)
             _barrier(rt)
             if fail_after_epoch is not None and epoch == fail_after_epoch:
                 raise RuntimeError(f"injected failure after epoch {epoch}")
 
         if rt.is_main:
-            weights = {
-                "model_config": mc,
-                "hparams": dataclasses.asdict(cfg),
-                "student": _cpu_state(trainer.student),
-                "teacher": _cpu_state(trainer.teacher),
-                "classes": {"n_treatments": td.n_treatments, "n_controls": td.n_controls},
-                "scope": scope,
-                "epochs": int(cfg.epochs),
-                "val_experiments": list(val_experiments),
-            }
-            with atomic_path(out_weights) as tmp:
-                torch.save(weights, tmp)
+            record = weights_record(trainer, td, best, scope, val_experiments, round_)
+            save_weights(out_weights, record)
             write_log(out_log, rows)
+            sel = record["selected"]
+            log.info(
+                "saved the %s of epoch %d (%s, val acc %.4f)",
+                sel["net"],
+                sel["epoch"],
+                sel["rule"],
+                sel["val_acc"],
+            )
+            if not keep_checkpoint:
+                checkpoint.remove(checkpoint_dir)
         _barrier(rt)
-
-
-def plot_log(log_csv: str | os.PathLike, png: str | os.PathLike) -> None:
-    """Training curves of a ``log.csv`` (losses, validation accuracy, lr) to a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = pd.read_csv(log_csv)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for col in ("loss", "loss_ce", "loss_consistency", "loss_pseudo"):
-        if col in df and df[col].notna().any():
-            axes[0].plot(df["epoch"], df[col], label=col)
-    axes[0].set_title("losses")
-    axes[0].legend(fontsize=7)
-    for col in ("val_acc_student", "val_acc_teacher"):
-        if col in df and df[col].notna().any():
-            axes[1].plot(df["epoch"], df[col], label=col.removeprefix("val_acc_"))
-    axes[1].set_title("validation accuracy")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(df["epoch"], df["lr"])
-    axes[2].set_yscale("log")
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
 
 
 def ddp_launch_command(argv: list[str], n_gpus: int) -> list[str]:
@@ -815,6 +767,9 @@ def _main(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         init=args.init,
         pseudo_labels=args.pseudo_labels,
+        soft_targets=args.soft_targets,
+        round_=args.round,
+        keep_checkpoint=args.keep_checkpoint,
         device=args.device,
         threads=args.threads,
     )
@@ -834,8 +789,17 @@ def register(subparsers) -> None:
     p.add_argument("--hparams", required=True, help="TrainConfig as inline JSON or a JSON file")
     p.add_argument("--scope", required=True, help="'all' or a cell type")
     p.add_argument("--val-experiments", nargs="*", default=[], help="held-out experiments")
-    p.add_argument("--init", help="weights.pt to start from (teacher weights)")
-    p.add_argument("--pseudo-labels", help="pseudo-label CSV of the previous round")
+    p.add_argument("--init", help="weights.pt to start from (its selected model)")
+    p.add_argument("--pseudo-labels", help="pseudo-label CSV of the previous round (hard targets)")
+    p.add_argument(
+        "--soft-targets", nargs="+", help="ensemble npz files of the previous round (soft targets)"
+    )
+    p.add_argument("--round", type=int, default=0, help="pseudo-label round (seeds the run)")
+    p.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep the resume checkpoint once the weights are written (default: delete it)",
+    )
     p.add_argument("--out-weights", required=True)
     p.add_argument("--out-log", required=True)
     p.add_argument("--checkpoint-dir", required=True)

@@ -155,15 +155,50 @@ def hparams_json(model, finetune=False):
     return json.dumps(hparams(model, finetune), sort_keys=True)
 
 
-def previous_pseudo_labels(wildcards):
-    """Round r > 0 trains with the balanced ensemble of round r - 1 as pseudo labels."""
+PSEUDO = config["pseudo"]
+
+
+def pseudo_inputs(wildcards):
+    """What round r > 0 learns from on the unlabelled wells of round r - 1: its pseudo labels (hard)
+    or its ensembles (soft, the paper's averaged teachers); with warm_start also its weights."""
+    r = int(wildcards.round)
+    if r == 0:
+        return {}
+    if PSEUDO["targets"] == "hard":
+        out = {"pseudo": pseudo_labels(r - 1)}
+    else:
+        out = {"soft": [ensemble(r - 1, ct) for ct in CELL_TYPES]}
+    if PSEUDO["warm_start"] and "cell_type" not in wildcards.keys():
+        out["warm"] = f"results/round{r - 1}/models/{wildcards.model}/all/weights.pt"
+    return out
+
+
+def pseudo_flags(wildcards, input):
+    """Command-line words of the previous round's targets (quoted by `:q` in the rule)."""
+    keys = input.keys()
+    words = ["--round", str(wildcards.round)]
+    if "pseudo" in keys:
+        words += ["--pseudo-labels", str(input.pseudo)]
+    if "soft" in keys:
+        words += ["--soft-targets", *map(str, input.soft)]
+    if "warm" in keys:
+        words += ["--init", str(input.warm)]
+    return words
+
+
+def pseudo_fraction(wildcards):
+    """Hard targets: the fraction of each plate's wells that round r's labels select for round r + 1."""
+    fractions = PSEUDO["fractions"]
+    return float(fractions[min(int(wildcards.round), len(fractions) - 1)])
+
+
+def previous_round_pseudo(wildcards):
     r = int(wildcards.round)
     return [pseudo_labels(r - 1)] if r > 0 else []
 
 
-def pseudo_flag(wildcards, input):
-    """Command-line words (quoted by `:q` in the rule): none in round 0."""
-    return ["--pseudo-labels", str(input.pseudo)] if input.pseudo else []
+def previous_pseudo_flag(wildcards, input):
+    return ["--previous", str(input.previous)] if input.previous else []
 
 
 def threads_of(kind):
@@ -187,6 +222,8 @@ def metrics_inputs(wildcards):
     return {
         "sites": SITES,
         "truth": TRUTH,
+        "pseudo": pseudo_labels(r),
+        "previous": previous_round_pseudo(wildcards),
         "models": [predictions(r, m, ct) for m in MODELS for ct in CELL_TYPES],
         "ensemble": [ensemble(r, ct) for ct in CELL_TYPES],
         "balanced": [balanced(r, ct) for ct in CELL_TYPES],

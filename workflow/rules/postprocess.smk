@@ -34,15 +34,21 @@ rule balance:
 
 rule pseudo_labels:
     input:
-        lambda wc: [balanced(wc.round, ct) for ct in CELL_TYPES],
+        balanced=lambda wc: [balanced(wc.round, ct) for ct in CELL_TYPES],
+        ensemble=lambda wc: [ensemble(wc.round, ct) for ct in CELL_TYPES],
+        previous=previous_round_pseudo,
     output:
         "results/round{round}/pseudo_labels.csv",
     log:
         "logs/round{round}/pseudo_labels.log",
     conda:
         CONDA_ENV
+    params:
+        fraction=pseudo_fraction,
+        previous=previous_pseudo_flag,
     shell:
-        "python -m deepnoise pseudo-labels --inputs {input:q} --out {output:q} > {log:q} 2>&1"
+        "python -m deepnoise pseudo-labels --inputs {input.balanced:q} --ensemble {input.ensemble:q}"
+        " --fraction {params.fraction:q} {params.previous:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule metrics:
@@ -56,10 +62,14 @@ rule metrics:
         CONDA_ENV
     params:
         models=labelled_predictions,
+        previous=lambda wc, input: (
+            ["--previous-pseudo-labels", str(input.previous)] if input.previous else []
+        ),
     shell:
         "python -m deepnoise metrics --round {wildcards.round:q} --sites {input.sites:q}"
         " --truth {input.truth:q} --models {params.models:q} --ensemble {input.ensemble:q}"
-        " --balanced {input.balanced:q} --out {output:q} > {log:q} 2>&1"
+        " --balanced {input.balanced:q} --pseudo-labels {input.pseudo:q}"
+        " {params.previous:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule submission:

@@ -5,11 +5,11 @@
 
 rule train:
     input:
+        unpack(pseudo_inputs),
         sites=SITES,
         classes=CLASSES,
         stacks=ALL_STACKS,
         stats=ALL_STATS,
-        pseudo=previous_pseudo_labels,
     output:
         weights="results/round{round}/models/{model}/all/weights.pt",
         log_csv="results/round{round}/models/{model}/all/log.csv",
@@ -21,7 +21,7 @@ rule train:
     params:
         hparams=lambda wc: hparams_json(wc.model),
         val=VAL_EXPERIMENTS,
-        pseudo=pseudo_flag,
+        pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
     shell:
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
@@ -34,12 +34,12 @@ rule train:
 
 rule finetune:
     input:
+        unpack(pseudo_inputs),
         init="results/round{round}/models/{model}/all/weights.pt",
         sites=SITES,
         classes=CLASSES,
         stacks=ALL_STACKS,
         stats=ALL_STATS,
-        pseudo=previous_pseudo_labels,
     output:
         weights="results/round{round}/models/{model}/{cell_type}/weights.pt",
         log_csv="results/round{round}/models/{model}/{cell_type}/log.csv",
@@ -51,7 +51,7 @@ rule finetune:
     params:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=VAL_EXPERIMENTS,
-        pseudo=pseudo_flag,
+        pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
     shell:
         "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
