@@ -107,11 +107,12 @@ def _assert_failed(capsys, rc, out, *needles):
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no temp file either
 
 
+@pytest.mark.parametrize("victim", ["C05_s2_w3.png", "B02_s1_w1.png"])  # B02_s1_w1: the plate's first PNG
 @pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_png(release, tmp_path, capsys, case, threads):
+def test_bad_png(release, tmp_path, capsys, case, threads, victim):
     root, sites, _ = release
-    victim = root / "images" / EXPERIMENT / f"Plate{PLATE}" / "C05_s2_w3.png"
+    victim = root / "images" / EXPERIMENT / f"Plate{PLATE}" / victim
     damage, message = BAD[case]
     damage(victim)
     out = tmp_path / "stacks" / EXPERIMENT / f"Plate{PLATE}.h5"

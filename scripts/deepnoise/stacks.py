@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from deepnoise import __version__, layout
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
-from deepnoise.metadata import check_files, read_sites
+from deepnoise.metadata import check_files, png_size, read_sites
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,20 @@ def read_site(prefix: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     return out
 
 
+def plate_shape(prefixes: list[str], n_sites: int = 3) -> tuple[int, int]:
+    """The plate's image size: the most common size in the PNG headers of its first ``n_sites``
+    sites (a wrong-sized first PNG is then the file reported, not the next, healthy one)."""
+    sizes = collections.Counter()
+    for prefix in prefixes[:n_sites]:
+        for c in range(1, layout.N_CHANNELS + 1):
+            size = png_size(f"{prefix}_w{c}.png")
+            if size is not None:
+                sizes[size] += 1
+    if not sizes:  # no readable header: the decoder names the first file and what is wrong
+        return read_png(f"{prefixes[0]}_w1.png").shape
+    return sizes.most_common(1)[0][0]
+
+
 def iter_sites(prefixes: list[str], threads: int, shape: tuple[int, int]):
     """Decoded sites in order, at most ``4 * threads`` in flight."""
     if threads <= 1:
@@ -130,8 +144,7 @@ def write_stack(
     kwargs = compression_args(compression)
     prefixes = list(df.path)
     check_files(df, siblings=False)
-    first = read_png(f"{prefixes[0]}_w1.png")
-    shape = first.shape
+    shape = plate_shape(prefixes)
     n = len(df)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset(

@@ -33,9 +33,10 @@ rule sites:
     params:
         source=SOURCE,
         root=DATA_ROOT,
+        plates=list(layout.PLATES),
     shell:
         "python -m deepnoise sites --source {params.source:q} --root {params.root:q}"
-        " --out-sites {output.sites:q} --out-truth {output.truth:q}"
+        " --plates {params.plates:q} --out-sites {output.sites:q} --out-truth {output.truth:q}"
         " --out-classes {output.classes:q} > {log:q} 2>&1"
 
 
