@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -312,6 +313,30 @@ def png_size(path: str) -> tuple[int, int] | None:
     if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def plate_dir(source: str, root: str | os.PathLike, experiment: str, dataset: str, plate: int) -> Path:
+    """The folder of a plate's PNGs in the rxrx1 / Kaggle layouts (as ``read_release`` /
+    ``read_kaggle`` build the paths)."""
+    root = Path(root)
+    if source == "kaggle":
+        return root / dataset / experiment / f"Plate{plate}"
+    images = root / "images" if (root / "images").is_dir() else root
+    return images / experiment / f"Plate{plate}"
+
+
+def png_fingerprint(folder: str | os.PathLike) -> str:
+    """Number and hash of the names, sizes and mtimes of a plate folder's PNGs (a stat per file, no
+    read): the stack rule's ``params``, so a changed, added or deleted PNG reruns that plate's
+    stack, and the stack job checks that it read the PNGs Snakemake planned with."""
+    try:
+        entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if e.name.lower().endswith(".png"))
+    except FileNotFoundError:
+        return "no folder"
+    h = hashlib.sha256()
+    for name, st in entries:
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(entries)} PNGs, sha256 {h.hexdigest()[:32]}"
 
 
 def check_plate_sizes(df: pd.DataFrame) -> None:
