@@ -107,6 +107,7 @@ def test_plate_out_of_range(tmp_path, capsys):
     root = write_kaggle(tmp_path / "kag")
     df = pd.read_csv(root / "train.csv")
     df.loc[0, "plate"] = 5
+    df.loc[0, "id_code"] = f"{df.experiment[0]}_5_{df.well[0]}"
     df.to_csv(root / "train.csv", index=False)
     _expect_error(
         tmp_path, capsys, root, "kaggle", f"plate 5 of experiment {df.experiment[0]} is not in 1..4"
@@ -131,3 +132,104 @@ def test_png_without_metadata(tmp_path, capsys, plate_dir):
 def test_unknown_experiment(tmp_path, capsys):
     root = write_rxrx1(tmp_path / "rel")
     _expect_error(tmp_path, capsys, root, "rxrx1", "experiment HEPG2-07", "--experiments", "HEPG2-07")
+
+
+# ------------------------------------------------------------------------------------------------
+# The site table is the gate: every check the metadata allows names the metadata file and row
+
+
+def _rewrite(root, edit, name="metadata.csv"):
+    md = pd.read_csv(root / name, dtype=str, keep_default_na=False)
+    out = edit(md)
+    md = md if out is None else out
+    md.to_csv(root / name, index=False)
+    return md
+
+
+def test_sites_of_one_well_that_disagree(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+
+    def edit(md):  # site 2 of a train well gets another siRNA
+        md.loc[3, "sirna_id"] = str(int(md.sirna_id[3]) + 1)
+
+    md = _rewrite(root, edit)
+    assert md.well_id[2] == md.well_id[3]
+    _expect_error(
+        tmp_path,
+        capsys,
+        root,
+        "rxrx1",
+        f"metadata.csv: row 5: site {md.site_id[3]}: the sites of well {md.well_id[3]} disagree on "
+        f"sirna_id: {int(md.sirna_id[3])} here, {int(md.sirna_id[2])} in ",
+    )
+
+
+@pytest.mark.parametrize("column", ["well_id", "site_id"])
+def test_ids_that_do_not_match_experiment_plate_well(tmp_path, capsys, column):
+    root = write_rxrx1(tmp_path / "rel")
+    evil = "HUVEC-03_1_X;touch PWNED #"
+
+    def edit(md):
+        md.loc[6, column] = evil
+
+    _rewrite(root, edit)
+    _expect_error(tmp_path, capsys, root, "rxrx1", f"metadata.csv: row 8: {column} '{evil}' does not match")
+
+
+def test_kaggle_id_code_that_does_not_match(tmp_path, capsys):
+    root = write_kaggle(tmp_path / "kag")
+
+    def edit(df):
+        df.loc[1, "id_code"] = "HUVEC-01_2_B02"
+
+    _rewrite(root, edit, "train.csv")
+    _expect_error(
+        tmp_path, capsys, root, "kaggle", "train.csv: row 3: id_code 'HUVEC-01_2_B02' does not match"
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message", [("", "the file is empty"), (None, "the file has a header and no rows")]
+)
+def test_empty_or_header_only_metadata(tmp_path, capsys, content, message):
+    root = write_rxrx1(tmp_path / "rel")
+    path = root / "metadata.csv"
+    path.write_text(path.read_text().splitlines()[0] + "\n" if content is None else content)
+    _expect_error(tmp_path, capsys, root, "rxrx1", f"{path}: {message}")
+
+
+def test_plate_missing_from_the_metadata(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+
+    def edit(md):
+        return md.drop(md.index[(md.experiment == "RPE-01") & (md.plate == "2")])
+
+    _rewrite(root, edit)
+    _expect_error(
+        tmp_path,
+        capsys,
+        root,
+        "rxrx1",
+        f"{root / 'metadata.csv'}: experiment RPE-01 has no rows for plate 2 "
+        "(every experiment needs plates 1, 2)",
+        "--plates",
+        "1",
+        "2",
+    )
+
+
+def test_plate_at_another_resolution(tmp_path, capsys):
+    root = write_rxrx1(tmp_path / "rel")
+    wells = fixture_wells()
+    odd = wells[(wells.experiment == "HUVEC-02") & (wells.plate == 2)]
+    write_rxrx1(tmp_path / "big", odd, size=24)  # the same wells at 24x24
+    for png in (tmp_path / "big" / "images" / "HUVEC-02" / "Plate2").iterdir():
+        png.replace(root / "images" / "HUVEC-02" / "Plate2" / png.name)
+    _expect_error(
+        tmp_path,
+        capsys,
+        root,
+        "rxrx1",
+        "experiment HUVEC-02 plate 2: images are 24x24 "
+        f"({root / 'images' / 'HUVEC-02' / 'Plate2' / 'B02_s1_w1.png'}), the other plates' are 16x16",
+    )

@@ -487,3 +487,99 @@ def test_stack_check_reports_structure(screen):
     assert info["attrs"]["experiment"] == "HUVEC-01" and len(info["crc32"]) == info["shape"][0]
     index = data.StackIndex.build(scr.stacks)
     assert len(index.crcs) == len(scr.stacks)
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs: the umask's modes, no leftovers of killed writes, a full disk named (issue 16)
+
+from deepnoise import atomic  # noqa: E402
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_outputs_honour_the_umask(tmp_path, umask_022):
+    writers = {
+        "a.txt": lambda p: p.write_text("x"),
+        "b.npz": lambda p: np.savez(p, x=np.ones(2)),
+        "c.pt": lambda p: torch.save({"x": torch.ones(2)}, p),
+        "d.h5": lambda p: h5py.File(p, "w").close(),
+    }
+    for name, write in writers.items():
+        with atomic.atomic_path(tmp_path / "out" / name) as tmp:
+            write(tmp)
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+    folder = atomic.temp_dir(tmp_path / "images")
+    assert folder.stat().st_mode & 0o777 == 0o755
+
+
+def test_the_next_write_removes_a_killed_writes_temporary_file(tmp_path):
+    out = tmp_path / "results" / "x.h5"
+    # a real kill -9 inside the atomic block leaves the temporary file behind
+    code = (
+        "import os, sys; from deepnoise.atomic import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as t:\n    t.write_bytes(b'x' * 1000); os.kill(os.getpid(), 9)\n"
+    )
+    proc = __import__("subprocess").run([sys.executable, "-c", code, str(out)], env=os.environ)
+    assert proc.returncode == -9
+    left = atomic.stale_temps(out)
+    assert len(left) == 1 and left[0].stat().st_size == 1000
+    others = [
+        tmp_path / "results" / ".x.h5.tmp-0123456789abcdef.npz",  # another suffix: another output
+        tmp_path / "results" / ".y.h5.tmp-0123456789abcdef.h5",  # another output
+        tmp_path / "results" / ".x.h5.tmp-notarandomname.h5",  # not our naming
+        tmp_path / "results" / "x.h5.bak",
+    ]
+    for p in others:
+        p.write_text("keep")
+    with atomic.atomic_path(out) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new"
+    assert atomic.stale_temps(out) == [] and not left[0].exists()
+    assert all(p.exists() for p in others)
+
+
+def test_a_killed_synthesize_leaves_no_folder_after_the_rerun(tmp_path):
+    images = tmp_path / "images"
+    stale = tmp_path / ".images.tmp-0123456789abcdef"
+    (stale / "HUVEC-01").mkdir(parents=True)
+    fresh = atomic.temp_dir(images)
+    assert not stale.exists() and fresh.is_dir()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos; basic_ios::clear: iostream error"
+        ),
+        OSError(28, "No space left on device"),
+    ],
+    ids=["torch", "enospc"],
+)
+def test_a_full_disk_is_named_with_the_path_and_the_space(tmp_path, monkeypatch, error):
+    out = tmp_path / "results" / "weights.pt"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(InputError) as info:
+        with atomic.atomic_path(out) as tmp:
+            tmp.write_bytes(b"x" * 300_000)
+            raise error
+    msg = str(info.value)
+    assert msg.startswith(f"{out}: the disk is full"), msg
+    assert "after 293.0 KiB" in msg and "4.0 KiB free" in msg and "at least 293.0 KiB needed" in msg, msg
+    assert info.value.__cause__ is error
+    assert list(out.parent.iterdir()) == []
+
+
+def test_other_writer_errors_pass_unchanged_when_there_is_space(tmp_path):
+    out = tmp_path / "weights.pt"
+    with pytest.raises(RuntimeError, match="a bug"):
+        with atomic.atomic_path(out) as tmp:
+            tmp.write_bytes(b"x")
+            raise RuntimeError("a bug")
+    assert list(tmp_path.iterdir()) == []

@@ -109,14 +109,21 @@ def real_experiments(source: str, root: str) -> list[Experiment]:
     for dataset, path in files.items():
         if not path.exists():
             raise InputError(f"data.root: {path} not found (needed for data.source={source})")
-        df = pd.read_csv(
-            path,
-            usecols=lambda c: c in {"experiment", "cell_type", "dataset"},
-            dtype=str,
-            keep_default_na=False,
-        )
+        try:
+            df = pd.read_csv(
+                path,
+                usecols=lambda c: c in {"experiment", "cell_type", "dataset"},
+                dtype=str,
+                keep_default_na=False,
+            )
+        except pd.errors.EmptyDataError as exc:
+            raise InputError(f"{path}: the file is empty (no header, no rows)") from exc
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot parse CSV: {exc}") from exc
         if "experiment" not in df.columns:
             raise InputError(f"{path}: no 'experiment' column")
+        if df.empty:
+            raise InputError(f"{path}: the file has a header and no rows")
         if "dataset" not in df.columns:
             df["dataset"] = dataset
         if "cell_type" not in df.columns:

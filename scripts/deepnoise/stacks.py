@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from deepnoise import __version__, layout
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
-from deepnoise.metadata import check_files, read_sites
+from deepnoise.metadata import check_files, png_fingerprint, png_size, read_sites
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,28 @@ def read_site(prefix: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     return out
 
 
+def check_fingerprint(folder: str, pngs: str | None, when: str) -> None:
+    if pngs and png_fingerprint(folder) != pngs:
+        raise InputError(
+            f"{folder}: the plate's PNGs changed {when} the stack was being written (planned with "
+            f"{pngs}, now {png_fingerprint(folder)}): rerun snakemake"
+        )
+
+
+def plate_shape(prefixes: list[str], n_sites: int = 3) -> tuple[int, int]:
+    """The plate's image size: the most common size in the PNG headers of its first ``n_sites``
+    sites (a wrong-sized first PNG is then the file reported, not the next, healthy one)."""
+    sizes = collections.Counter()
+    for prefix in prefixes[:n_sites]:
+        for c in range(1, layout.N_CHANNELS + 1):
+            size = png_size(f"{prefix}_w{c}.png")
+            if size is not None:
+                sizes[size] += 1
+    if not sizes:  # no readable header: the decoder names the first file and what is wrong
+        return read_png(f"{prefixes[0]}_w1.png").shape
+    return sizes.most_common(1)[0][0]
+
+
 def iter_sites(prefixes: list[str], threads: int, shape: tuple[int, int]):
     """Decoded sites in order, at most ``4 * threads`` in flight."""
     if threads <= 1:
@@ -117,8 +139,13 @@ def write_stack(
     out: Path | str,
     threads: int = 1,
     compression: str = DEFAULT_COMPRESSION,
+    pngs: str | None = None,
 ) -> int:
-    """Write the plate's HDF5 stack; returns the number of sites."""
+    """Write the plate's HDF5 stack; returns the number of sites.
+
+    ``pngs``: the plate folder's ``png_fingerprint`` as Snakemake planned the job with; the PNGs
+    must match it before and after they are read (else nothing is written).
+    """
     table = read_sites(sites_csv)
     df = table[(table.experiment == experiment) & (table.plate == int(plate))].reset_index(drop=True)
     if df.empty:
@@ -129,9 +156,10 @@ def write_stack(
         )
     kwargs = compression_args(compression)
     prefixes = list(df.path)
+    folder = os.path.dirname(prefixes[0])
+    check_fingerprint(folder, pngs, "before")
     check_files(df, siblings=False)
-    first = read_png(f"{prefixes[0]}_w1.png")
-    shape = first.shape
+    shape = plate_shape(prefixes)
     n = len(df)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset(
@@ -154,8 +182,10 @@ def write_stack(
             f.create_dataset(col, data=df[col].to_numpy(dtype=object), dtype=STR)
         f.create_dataset("site", data=df.site.to_numpy(np.int8))
         f.create_dataset("sirna_id", data=df.sirna_id.to_numpy(np.int32))
+        check_fingerprint(folder, pngs, "while")
         f.attrs.update(
             {
+                "pngs": pngs or "",
                 "experiment": experiment,
                 "plate": int(plate),
                 "cell_type": str(df.cell_type.iloc[0]),
@@ -281,7 +311,7 @@ def read_site_checked(
 
 
 def _run(args: argparse.Namespace) -> int:
-    write_stack(args.sites, args.experiment, args.plate, args.out, args.threads, args.compression)
+    write_stack(args.sites, args.experiment, args.plate, args.out, args.threads, args.compression, args.pngs)
     return 0
 
 
@@ -293,4 +323,5 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="results/stacks/{experiment}/Plate{plate}.h5")
     p.add_argument("--threads", type=int, default=1, help="decode threads")
     p.add_argument("--compression", default=DEFAULT_COMPRESSION, help="none (default), lzf, gzip, gzip-N")
+    p.add_argument("--pngs", help="the plate folder's PNG fingerprint Snakemake planned with (checked)")
     p.set_defaults(func=_run)

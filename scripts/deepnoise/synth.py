@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from deepnoise import layout
-from deepnoise.atomic import atomic_path
+from deepnoise.atomic import atomic_path, temp_dir
 from deepnoise.errors import InputError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -333,7 +332,7 @@ def synthesize(cfg: dict, out_images: Path, out_metadata: Path, out_truth: Path,
     wells = screen.wells()
     out_images = Path(out_images)
     out_images.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_images.name}.", dir=out_images.parent))
+    tmp = temp_dir(out_images)
     try:
         for exp in screen.experiments:
             for plate in layout.PLATES:

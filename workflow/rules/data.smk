@@ -1,5 +1,19 @@
 # Ingestion: synthetic screen (optional) -> site table -> plate stacks -> statistics.
 
+from deepnoise import metadata as md
+
+
+def png_fingerprint(wildcards):
+    """The plate folder's PNGs (names, sizes, mtimes): a changed, added or deleted PNG changes this
+    param and reruns exactly that plate's stack. The synthetic screen's PNGs are the `synthesize`
+    output, already upstream of every stack."""
+    if SOURCE == "synthetic":
+        return ""
+    e = EXP[wildcards.experiment]
+    return md.png_fingerprint(
+        md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
+    )
+
 
 rule synthesize:
     output:
@@ -33,9 +47,10 @@ rule sites:
     params:
         source=SOURCE,
         root=DATA_ROOT,
+        plates=list(layout.PLATES),
     shell:
         "python -m deepnoise sites --source {params.source:q} --root {params.root:q}"
-        " --out-sites {output.sites:q} --out-truth {output.truth:q}"
+        " --plates {params.plates:q} --out-sites {output.sites:q} --out-truth {output.truth:q}"
         " --out-classes {output.classes:q} > {log:q} 2>&1"
 
 
@@ -51,9 +66,10 @@ rule stack:
     threads: threads_of("stack")
     params:
         compression=config["data"]["compression"],
+        pngs=png_fingerprint,
     shell:
         "python -m deepnoise stack --sites {input.sites:q} --experiment {wildcards.experiment:q}"
-        " --plate {wildcards.plate:q} --compression {params.compression:q}"
+        " --plate {wildcards.plate:q} --compression {params.compression:q} --pngs {params.pngs:q}"
         " --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
