@@ -371,3 +371,18 @@ def test_soft_and_hard_pseudo_targets(screen, tmp_path):
     assert log["loss_pseudo"].iloc[0] > 0 and soft["round"] == 0
     with pytest.raises(InputError, match="give one, not both"):
         _run(screen, tmp_path / "x", soft_targets=["a"], pseudo_labels="b")
+
+
+def test_a_killed_checkpoint_save_leaves_nothing_behind(screen, tmp_path, caplog):
+    """A training killed while saving its checkpoint left a temporary file (a model + optimiser); the
+    next start of the same training removes it before training."""
+    from deepnoise import atomic
+
+    ckpt = tmp_path / "ckpt" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    leftover = ckpt.parent / atomic.temp_name(ckpt, ".pt")
+    leftover.write_bytes(b"half a checkpoint")
+    assert atomic.stale_temps(ckpt) == [leftover]
+    with caplog.at_level(logging.INFO, logger="deepnoise.train"):
+        _run(screen, tmp_path, cfg={"epochs": 1})
+    assert not leftover.exists() and "left by an interrupted checkpoint save" in caplog.text

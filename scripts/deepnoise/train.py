@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from deepnoise import augment, checkpoint, data, inference, losses, models, pseudo
+from deepnoise import atomic, augment, checkpoint, data, inference, losses, models, pseudo
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
 from deepnoise.hparams import TrainConfig, load_hparams  # noqa: F401 (re-exported)
@@ -671,6 +671,9 @@ def run_training(
         trainer = Trainer(cfg, mc, rt, mean, std, steps, soft_targets=soft_table)
 
         ckpt_path = Path(checkpoint_dir) / checkpoint.CHECKPOINT_NAME
+        if rt.is_main:  # a killed save's temporary file (a model and its optimiser: ~73 MB) goes now
+            for stale in atomic.remove_stale(ckpt_path):
+                log.info("removed %s, left by an interrupted checkpoint save", stale)
         fingerprint = checkpoint.inputs_fingerprint(
             [sites, classes, *stacks, *stats, init, pseudo_labels, *(soft_targets or [])],
             {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world, "round": round_},
