@@ -22,8 +22,8 @@ import train_fixtures as tf
 import yaml
 from workflow_utils import REPO, load_tiny, snakemake, write_config
 
-from deepnoise import checkpoint, weights as weights_file
-from deepnoise import cli, configcheck, data, layout, metadata, models, stacks, train
+from deepnoise import checkpoint, cli, configcheck, data, layout, metadata, models, stacks, train
+from deepnoise import weights as weights_file
 from deepnoise.ensemble import load_predictions, save_predictions
 from deepnoise.errors import InputError
 
@@ -195,7 +195,9 @@ def evil_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "loader", [checkpoint.load_checkpoint, weights_file.load_weights, models._load_state_file], ids=lambda f: f.__name__
+    "loader",
+    [checkpoint.load_checkpoint, weights_file.load_weights, models._load_state_file],
+    ids=lambda f: f.__name__,
 )
 def test_checkpoints_load_without_running_pickled_code(evil_file, loader):
     path, marker = evil_file
