@@ -2,8 +2,9 @@
 
 Output CSV columns: ``well_id, experiment, plate, well, sirna_id, confidence`` for every well with
 ``dataset == test`` in the inputs, sorted by ``well_id``; ``sirna_id`` is the argmax class of the
-balanced probabilities and ``confidence`` its probability (for ``balance --method exact`` that is
-``(1 + q) / 2`` with ``q`` the model's group-restricted probability of the assigned class).
+balanced probabilities and ``confidence`` its probability (for ``balance --method exact`` or
+``groups`` that is ``(1 + q) / 2`` with ``q`` the model's probability of the assigned class,
+restricted to the plate's group and renormalised for ``groups``).
 """
 
 from __future__ import annotations
