@@ -3,7 +3,7 @@
 Runs the workflow once per run of ``config/ablation.yaml`` (and per seed), all on the same synthetic
 screen with the same epochs, then builds one table and one bar chart of validation and test
 accuracy per step: normalisation per cell type / experiment / plate (/ negative controls), softmax
-vs ArcFace, + mean teacher, + second model, + balancing (iterative, exact), + pseudo-label rounds.
+vs ArcFace, + mean teacher, + second model, + balancing (paper, groups), + pseudo-label rounds.
 
 1. The data stage (synthesize -> sites -> stacks -> statistics) runs once in ``<out>/work/data``.
 2. Each run gets a copy of it (Snakemake's metadata included, so nothing reruns) in

@@ -222,7 +222,8 @@ def test_markdown_and_plot(tmp_path):
 
 
 def test_rebalanced_stage_scores_and_caches(tmp_path):
-    from deepnoise.balance import synthetic_case
+    from balance_cases import synthetic_case
+
     from deepnoise.ensemble import save_predictions
 
     sites, pred, truth = synthetic_case(n_classes=40, signal=2.0, seed=1, eval_dataset="test")
@@ -247,9 +248,9 @@ def test_rebalanced_stage_scores_and_caches(tmp_path):
 
     metrics = {"round": 0, "test_scored": True, "stages": []}
     (res / "round0" / "metrics.json").write_text(json.dumps(metrics))
-    study = {"rows": [{"id": "x", "run": "r", "stage": "balance:iterative"}]}
+    study = {"rows": [{"id": "x", "run": "r", "stage": "balance:paper"}]}
     loaded = ablation.load_run_metrics(tmp_path, study, "r")
-    assert [s["stage"] for s in loaded[0]["stages"]] == ["balance:iterative"]
+    assert [s["stage"] for s in loaded[0]["stages"]] == ["balance:paper"]
 
 
 def test_footer_from_run_json(tmp_path):

@@ -42,7 +42,13 @@ BAD_CONFIGS = {
     "value outside an enum": (
         {"balance.method": "exakt"},
         r"config balance\.method: 'exakt' is not allowed \(did you mean exact\?\); "
-        r"allowed values: exact, iterative, none",
+        r"allowed values: groups, exact, paper, none",
+    ),
+    "renamed balancing method": (
+        {"balance.method": "iterative"},
+        r"config balance\.method: 'iterative' is not allowed \(the old 'iterative' is now paper "
+        r".*groups.*\); "
+        r"allowed values: groups, exact, paper, none",
     ),
     "unknown model name": (
         {"models.r10.backbone": "resnet10"},

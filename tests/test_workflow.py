@@ -80,7 +80,7 @@ def test_normalisation_reruns_training_not_ingestion(finished, tmp_path):
 
 
 def test_balancing_method_reruns_only_balancing_onward(finished, tmp_path):
-    jobs = changed(finished, tmp_path, **{"balance.method": "iterative"})
+    jobs = changed(finished, tmp_path, **{"balance.method": "paper"})
     rules = {j.rule for j in jobs}
     assert not rules & DATA_RULES
     round0 = {j.rule for j in jobs if j.wc("round") == "0"}

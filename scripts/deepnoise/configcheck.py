@@ -80,6 +80,10 @@ def _schema_message(error) -> str:
     if kind == "enum":
         options = [str(v) for v in error.validator_value]
         hint = did_you_mean(str(value), options)
+        if key == "balance.method":  # an old method name: say what replaced it
+            from deepnoise.balance import renamed_hint
+
+            hint = renamed_hint(str(value)) or hint
         return f"config {key}: {value!r} is not allowed{hint}; allowed values: {', '.join(options)}"
     if kind == "type":
         want = error.validator_value

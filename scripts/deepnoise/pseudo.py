@@ -8,7 +8,9 @@ unbalanced ensemble's top-1 minus top-2 probability; ``selected`` marks, per pla
 (the paper's L_pSoftmax) reads the ensemble files instead (``read_soft_targets``).
 
 Output CSV columns: ``well_id, experiment, plate, well, dataset, sirna_id, confidence, margin,
-selected``, sorted by ``well_id``. ``confidence`` is the balanced probability of ``sirna_id``.
+selected``, sorted by ``well_id``. ``confidence`` is the balanced probability of ``sirna_id`` (for
+``balance --method exact`` or ``groups`` that is ``(1 + q) / 2`` with ``q`` the model's probability
+of the assigned class, restricted to the plate's group and renormalised for ``groups``).
 No torch here.
 """
 
