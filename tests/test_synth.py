@@ -346,14 +346,28 @@ def test_focus_varies_between_plates():
     assert blurred > 2 * sharp, (sharp, blurred)
 
 
-def test_density_and_size_shift_between_plates_and_wells():
+@pytest.mark.parametrize(
+    "knobs, measure",
+    [
+        (("density_experiment", "density_plate", "density_well"), "count"),
+        (("size_experiment", "size_plate"), "area"),
+    ],
+)
+def test_cell_density_and_size_shift_between_plates(knobs, measure):
+    # Nuclei (channel 1 above the background) as connected components: their number per site
+    # follows the density, their median area the cell size.
+    from scipy import ndimage
+
     base = {**QUIET, "phenotype_strength": 0.0, "n_treatments": 40, "sites_per_well": 2}
-    knobs = ("density_experiment", "density_plate", "density_well", "size_experiment", "size_plate")
 
     def spread(cfg):
         md, images = render(cfg)
-        cover = pd.Series((images[:, 1] > synth.DEFAULTS["background"] + 1).mean(axis=(1, 2)))
-        per_plate = cover.groupby([md.experiment, md.plate]).mean()
+        values = []
+        for image in images[:, 0] > synth.DEFAULTS["background"] + 1:
+            labels, n = ndimage.label(image)
+            areas = np.bincount(labels.ravel())[1:]
+            values.append(n if measure == "count" else np.median(areas) if n else np.nan)
+        per_plate = pd.Series(values, dtype=float).groupby([md.experiment, md.plate]).mean()
         return float(np.log(per_plate).std())
 
     fixed, shifted = spread(base), spread({**base, **on(*knobs)})
