@@ -175,10 +175,13 @@ def test_plate_normalisation_beats_experiment_beats_cell_type(tmp_path):
         ]
     ).astype(np.float64)
     acc = _accuracies(md, images)
+    # On 12 global features a linear classifier gets (seed 3) plate 0.145 > experiment 0.107 >
+    # cell type 0.081 (chance 0.025); the old screen, whose only noise was per-plate gain and offset,
+    # gave 0.72 / 0.36 / 0.15. The remaining gap is the noise per-plate normalisation cannot remove.
     chance = 1 / cfg["n_treatments"]
-    assert acc["plate"] > 10 * chance, acc
-    assert acc["plate"] > acc["experiment"] + 0.1, acc
-    assert acc["experiment"] > acc["cell_type"] + 0.05, acc
+    assert acc["plate"] > 4 * chance, acc
+    assert acc["plate"] > acc["experiment"] + 0.02, acc
+    assert acc["experiment"] > acc["cell_type"] + 0.01, acc
 
 
 # --- The noise model (docs/noise-model.md): every effect is present and survives per-plate
