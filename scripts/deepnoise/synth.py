@@ -171,15 +171,10 @@ def validate_config(cfg: dict) -> dict:
             raise InputError(f"synthetic config: missing key {key!r}")
     out = {**DEFAULTS, **cfg}
 
-    def integer(key: str) -> int:
+    for key, (lo, hi) in INT_RANGES.items():
         value = out[key]
-        lo, hi = INT_RANGES[key]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise InputError(f"synthetic config: {key!r} must be an integer in {lo}..{hi}, got {value!r}")
-        return value
-
-    for key in INT_RANGES:
-        integer(key)
     n, p = out["n_treatments"], out["n_positive_controls"]
     if n % layout.N_GROUPS:
         raise InputError(f"synthetic config: 'n_treatments' must be divisible by 4, got {n}")
