@@ -1,17 +1,21 @@
-"""Synthetic RxRx1 screen: cell-like images with class phenotypes and strong batch effects.
+"""Synthetic RxRx1 screen: cell-like images with class phenotypes and RxRx1's hard structure.
+
+The noise model, with the RxRx1 fact behind each effect, its knobs and what per-plate normalisation
+can and cannot undo, is ``docs/noise-model.md``; this module implements it.
 
 The screen mimics RxRx1 scaled down. Treatments ``0..n_treatments-1`` (named ``s{id:05d}``) are split
 into 4 fixed groups; every plate of an experiment holds one group (each treatment once), the
-plate -> group map being one of the 4 cyclic rotations, chosen per experiment. Every plate also holds
-the positive controls (ids ``n_treatments..``) and one negative control well (``EMPTY``), all at
-random inner wells.
+plate -> group order being one of the 24 permutations (or, with ``plate_group_orders: cyclic``, one of
+the 4 cyclic rotations), chosen per experiment. Every plate also holds the positive controls (ids
+``n_treatments..``) and one negative control well (``EMPTY``), all at random inner wells.
 
 Images are 6-channel (one grayscale PNG per channel) renderings of elliptical cells: channel 1 is
-the nucleus, channels 2-6 the cytoplasm. A treatment shifts (subtly) the per-channel intensity and
-texture, the cell count, size and elongation; the cell type sets the base appearance and part of the
-response. Technical noise is strong on purpose: per-experiment and per-plate per-channel gain and
-offset, row/column gradients over the plate, and pixel noise, so that per-plate normalisation beats
-per-experiment normalisation, which beats per-cell-type normalisation.
+the nucleus, channels 2-6 the cytoplasm. A treatment shifts the per-channel intensity and texture,
+the cell count, size and elongation; the cell type sets the base appearance and part of the response,
+and every experiment scales and perturbs the response (experiment x treatment interaction). Technical
+noise: per-experiment/plate gain and offset, stain intensity, channel cross-talk, illumination
+fields, focus blur, cell density and size shifts, a non-linear (gamma) response, well-position
+gradients and edge effects, well-level shifts and pixel noise.
 
 Every random draw comes from a generator keyed by (seed, what it is for), so the output does not
 depend on the thread count or order: the same config gives byte-identical PNGs.
@@ -52,7 +56,8 @@ REQUIRED = (
     "sites_per_well",
 )
 
-# Appearance and noise knobs; a config may omit any of them.
+# Appearance and noise knobs; a config may omit any of them (docs/noise-model.md: the RxRx1 fact
+# behind each). "log-std": std of a normal draw entering as exp(draw).
 DEFAULTS = {
     "cells_per_site": 12.0,  # mean number of cells in a site (Poisson)
     "cell_radius": 0.075,  # mean cell radius, as a fraction of the image side
@@ -62,13 +67,82 @@ DEFAULTS = {
     "cell_type_specificity": 0.5,  # weight of the cell-type-specific part of a treatment's phenotype
     "cell_type_strength": 0.3,  # std of the per-cell-type log differences of base appearance
     "cell_variability": 0.2,  # std of cell-to-cell log intensity and size variation
-    "experiment_gain": 0.4,  # std of per-experiment, per-channel log gain
+    "treatment_interaction": 0.5,  # std of a class's per-experiment phenotype deviation / its strength
+    "response_strength": 0.2,  # log-std of the per-experiment scale of all phenotypes
+    "experiment_gain": 0.4,  # log-std of the per-experiment, per-channel gain
     "experiment_offset": 12.0,  # std of per-experiment, per-channel additive offset (grey levels)
-    "plate_gain": 0.15,  # std of per-plate, per-channel log gain
+    "plate_gain": 0.15,  # log-std of the per-plate, per-channel gain
     "plate_offset": 6.0,  # std of per-plate, per-channel additive offset (grey levels)
+    "stain_experiment": 0.3,  # log-std of the per-experiment, per-channel stain (cell signal only)
+    "stain_plate": 0.1,  # log-std of the per-plate, per-channel stain
+    "crosstalk": 0.15,  # scale of the per-experiment channel bleed-through (mixing matrix I + c|z|)
+    "illumination_experiment": 0.2,  # log-std of the per-experiment flat field (3x3 control points)
+    "illumination_plate": 0.1,  # log-std of the per-plate flat field
+    "focus_blur": 0.15,  # median Gaussian blur sigma, as a fraction of the mean cell radius (0: off)
+    "focus_plate": 0.5,  # log-std of the per-plate blur sigma
+    "focus_site": 0.3,  # log-std of the per-site blur sigma
+    "density_experiment": 0.25,  # log-std of the per-experiment cell density
+    "density_plate": 0.1,  # log-std of the per-plate cell density
+    "density_well": 0.15,  # log-std of the per-well cell density
+    "size_experiment": 0.1,  # log-std of the per-experiment cell radius
+    "size_plate": 0.05,  # log-std of the per-plate cell radius
+    "gamma_experiment": 0.2,  # log-std of the per-experiment, per-channel gamma (non-linear response)
+    "gamma_plate": 0.1,  # log-std of the per-plate, per-channel gamma
     "well_gradient": 0.15,  # std of the per-plate relative gain change from plate centre to edge
+    "edge_effect": 0.15,  # log-std of the per-plate gain and density change of the border wells
+    "well_noise": 0.1,  # log-std of the per-well, per-channel signal shift (shared by its sites)
     "pixel_noise": 5.0,  # std of additive Gaussian pixel noise (grey levels)
     "background": 20.0,  # mean background level before gain/offset (grey levels)
+    "plate_group_orders": "all",  # plate -> group orders drawn from: all (24 permutations) or cyclic (4)
+}
+# Allowed range of every numeric knob (inclusive); docs/noise-model.md lists the same.
+RANGES = {
+    "cells_per_site": (0.0, 500.0),  # > 0
+    "cell_radius": (0.0, 0.5),  # > 0
+    "nucleus_fraction": (0.05, 1.0),
+    "phenotype_strength": (0.0, 3.0),
+    "control_strength": (0.0, 10.0),
+    "cell_type_specificity": (0.0, 5.0),
+    "cell_type_strength": (0.0, 3.0),
+    "cell_variability": (0.0, 2.0),
+    "treatment_interaction": (0.0, 5.0),
+    "response_strength": (0.0, 2.0),
+    "experiment_gain": (0.0, 2.0),
+    "experiment_offset": (0.0, 100.0),
+    "plate_gain": (0.0, 2.0),
+    "plate_offset": (0.0, 100.0),
+    "stain_experiment": (0.0, 2.0),
+    "stain_plate": (0.0, 2.0),
+    "crosstalk": (0.0, 1.0),
+    "illumination_experiment": (0.0, 1.0),
+    "illumination_plate": (0.0, 1.0),
+    "focus_blur": (0.0, 2.0),
+    "focus_plate": (0.0, 2.0),
+    "focus_site": (0.0, 2.0),
+    "density_experiment": (0.0, 2.0),
+    "density_plate": (0.0, 2.0),
+    "density_well": (0.0, 2.0),
+    "size_experiment": (0.0, 1.0),
+    "size_plate": (0.0, 1.0),
+    "gamma_experiment": (0.0, 1.0),
+    "gamma_plate": (0.0, 1.0),
+    "well_gradient": (0.0, 2.0),
+    "edge_effect": (0.0, 2.0),
+    "well_noise": (0.0, 2.0),
+    "pixel_noise": (0.0, 100.0),
+    "background": (0.0, 200.0),
+}
+POSITIVE = ("cells_per_site", "cell_radius")  # their lower bound is exclusive
+GROUP_ORDERS = ("all", "cyclic")
+# Integer bounds of the structural keys (image_size: the same as workflow/schemas/config.schema.yaml).
+INT_RANGES = {
+    "seed": (0, 2**63 - 1),
+    "image_size": (16, 1024),
+    "train_experiments_per_cell_type": (1, 99),
+    "test_experiments_per_cell_type": (0, 99),
+    "n_treatments": (4, layout.N_GROUPS * len(layout.INNER_WELLS)),
+    "n_positive_controls": (0, len(layout.INNER_WELLS)),
+    "sites_per_well": (1, 9),
 }
 
 # Mean cell intensity per channel before the cell-type, treatment and technical effects.
@@ -96,21 +170,13 @@ def validate_config(cfg: dict) -> dict:
             raise InputError(f"synthetic config: missing key {key!r}")
     out = {**DEFAULTS, **cfg}
 
-    def integer(key: str, lo: int, hi: int) -> int:
+    for key, (lo, hi) in INT_RANGES.items():
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise InputError(f"synthetic config: {key!r} must be an integer in {lo}..{hi}, got {value!r}")
-        return value
-
-    integer("seed", 0, 2**63 - 1)
-    integer("image_size", 16, 2048)
-    integer("train_experiments_per_cell_type", 1, 99)
-    integer("test_experiments_per_cell_type", 0, 99)
-    n = integer("n_treatments", 4, 4 * len(layout.INNER_WELLS))
+    n, p = out["n_treatments"], out["n_positive_controls"]
     if n % layout.N_GROUPS:
         raise InputError(f"synthetic config: 'n_treatments' must be divisible by 4, got {n}")
-    p = integer("n_positive_controls", 0, len(layout.INNER_WELLS))
-    integer("sites_per_well", 1, 9)
     if n // layout.N_GROUPS + p + 1 > len(layout.INNER_WELLS):
         raise InputError(
             f"synthetic config: {n // 4} treatments + {p} positive controls + 1 negative control "
@@ -124,12 +190,17 @@ def validate_config(cfg: dict) -> dict:
             raise InputError(f"synthetic config: 'cell_types' entry {name!r} must be alphanumeric")
     if len(set(cell_types)) != len(cell_types):
         raise InputError(f"synthetic config: 'cell_types' has duplicates: {cell_types}")
-    for key in DEFAULTS:
+    for key, (lo, hi) in RANGES.items():
         value = out[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise InputError(f"synthetic config: {key!r} must be a non-negative number, got {value!r}")
-    if out["cells_per_site"] <= 0 or out["cell_radius"] <= 0:
-        raise InputError("synthetic config: 'cells_per_site' and 'cell_radius' must be positive")
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if not number or not lo <= value <= hi or (key in POSITIVE and value <= lo):
+            low = f"({lo}" if key in POSITIVE else f"[{lo}"
+            raise InputError(f"synthetic config: {key!r} must be a number in {low}, {hi}], got {value!r}")
+    if out["plate_group_orders"] not in GROUP_ORDERS:
+        raise InputError(
+            f"synthetic config: 'plate_group_orders' must be one of {', '.join(GROUP_ORDERS)}, "
+            f"got {out['plate_group_orders']!r}"
+        )
     return out
 
 
@@ -163,6 +234,46 @@ class Well:
     sirna: str
 
 
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(size: int, sigma: float) -> np.ndarray:
+    """(size, size) Gaussian blur operator (rows sum to 1, so the border keeps its level)."""
+    d = np.arange(size, dtype=np.float64)
+    g = np.exp(-0.5 * ((d[:, None] - d[None, :]) / sigma) ** 2)
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _quantised_sigma(sigma: float) -> float:
+    """Blur sigmas rounded to 1 % steps so the blur operators can be cached."""
+    return float(np.round(np.exp(np.round(np.log(sigma), 2)), 6))
+
+
+def well_position(well: str) -> tuple[float, float, float]:
+    """(row, column) of a well scaled to -1..1 over the used area, and its edge weight exp(-d),
+    d being its distance in wells to the border of the used area (1 for a border well)."""
+    r, c = layout.ROWS.index(well[0]), layout.COLUMNS.index(int(well[1:]))
+    nr, nc = len(layout.ROWS) - 1, len(layout.COLUMNS) - 1
+    d = min(r, nr - r, c, nc - c)
+    return (r - nr / 2) / (nr / 2), (c - nc / 2) / (nc / 2), float(np.exp(-d))
+
+
+@dataclass(frozen=True)
+class PlateEffects:
+    """The technical effects shared by all sites of one plate (experiment and plate parts)."""
+
+    gain: np.ndarray  # (6,) per-channel gain
+    offset: np.ndarray  # (6,) per-channel additive offset
+    gradient: np.ndarray  # (2, 6) row / column log-gain gradient
+    edge_gain: np.ndarray  # (6,) log-gain change of a border well
+    edge_density: float  # log cell-density change of a border well
+    stain: np.ndarray  # (6,) multiplies the cell signal
+    gamma: np.ndarray  # (6,) exponent of the intensity response
+    mixing: np.ndarray  # (6, 6) channel cross-talk
+    log_density: float  # log cell-density shift
+    log_size: float  # log cell-radius shift
+    log_focus: float  # log blur-sigma shift
+    illumination: np.ndarray  # (6, 3, 3) log flat field at the control points
+
+
 class Screen:
     """The screen's design and all its random effects, from a validated config."""
 
@@ -190,16 +301,37 @@ class Screen:
             self.appearance[ct] = cfg["cell_type_strength"] * _rng(
                 self.seed, "cell_type", ct
             ).standard_normal(N_PHENO)
+        # Experiment x treatment interaction: every experiment scales all phenotypes and perturbs
+        # each class's phenotype in its own direction.
+        self.response = {}
+        for exp in self.experiments:
+            rng = _rng(self.seed, "interaction", exp.experiment)
+            scale = np.exp(cfg["response_strength"] * rng.standard_normal())
+            deviation = cfg["treatment_interaction"] * strength * rng.standard_normal((n_classes, N_PHENO))
+            self.response[exp.experiment] = scale * self.phenotype[exp.cell_type] + deviation
+        self.plate_effects = {
+            (exp.experiment, plate): self._plate_effects(exp.experiment, plate)
+            for exp in self.experiments
+            for plate in layout.PLATES
+        }
 
     def sirna_name(self, sirna_id: int) -> str:
         return "EMPTY" if sirna_id == self.negative_id else f"s{sirna_id:05d}"
 
+    def plate_groups(self, experiment: str) -> tuple[int, ...]:
+        """The group index of each plate of an experiment (plate p holds group ``order[p - 1]``)."""
+        g = layout.N_GROUPS
+        if self.cfg["plate_group_orders"] == "cyclic":
+            rotation = int(_rng(self.seed, "rotation", experiment).integers(g))
+            return tuple((p + rotation) % g for p in range(g))
+        return tuple(int(k) for k in _rng(self.seed, "plate_groups", experiment).permutation(g))
+
     def wells(self) -> list[Well]:
         out = []
         for exp in self.experiments:
-            rotation = int(_rng(self.seed, "rotation", exp.experiment).integers(layout.N_GROUPS))
+            order = self.plate_groups(exp.experiment)
             for plate in layout.PLATES:
-                group = self.groups[(plate - 1 + rotation) % layout.N_GROUPS]
+                group = self.groups[order[plate - 1]]
                 rng = _rng(self.seed, "wells", exp.experiment, plate)
                 ids = [*rng.permutation(group), *range(self.n, self.negative_id + 1)]
                 positions = rng.choice(len(layout.INNER_WELLS), size=len(ids), replace=False)
@@ -227,26 +359,52 @@ class Screen:
         out.sort(key=lambda w: (w.experiment, w.plate, w.well))
         return out
 
-    def technical(self, experiment: str, plate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-channel gain, offset and (row, column) gradient coefficients of a plate."""
+    def _plate_effects(self, experiment: str, plate: int) -> PlateEffects:
         cfg = self.cfg
         e = _rng(self.seed, "experiment_effect", experiment).standard_normal((2, 6))
         p = _rng(self.seed, "plate_effect", experiment, plate).standard_normal((4, 6))
         gain = np.exp(cfg["experiment_gain"] * e[0] + cfg["plate_gain"] * p[0])
         offset = cfg["experiment_offset"] * e[1] + cfg["plate_offset"] * p[1]
         gradient = cfg["well_gradient"] * p[2:4]
-        return gain, offset, gradient
+        # The effects added with docs/noise-model.md, each from its own generators.
+        ex = _rng(self.seed, "experiment_effect2", experiment)
+        pl = _rng(self.seed, "plate_effect2", experiment, plate)
+        ex_ch, pl_ch = ex.standard_normal((2, 6)), pl.standard_normal((3, 6))
+        ex_s, pl_s = ex.standard_normal(2), pl.standard_normal(4)
+        mixing = np.eye(6) + cfg["crosstalk"] * np.abs(ex.standard_normal((6, 6))) * (1 - np.eye(6))
+        illumination = cfg["illumination_experiment"] * ex.standard_normal((6, 3, 3))
+        illumination = illumination + cfg["illumination_plate"] * pl.standard_normal((6, 3, 3))
+        return PlateEffects(
+            gain=gain,
+            offset=offset,
+            gradient=gradient,
+            edge_gain=cfg["edge_effect"] * pl_ch[2],
+            edge_density=cfg["edge_effect"] * pl_s[3],
+            stain=np.exp(cfg["stain_experiment"] * ex_ch[0] + cfg["stain_plate"] * pl_ch[0]),
+            gamma=np.exp(cfg["gamma_experiment"] * ex_ch[1] + cfg["gamma_plate"] * pl_ch[1]),
+            mixing=mixing,
+            log_density=cfg["density_experiment"] * ex_s[0] + cfg["density_plate"] * pl_s[0],
+            log_size=cfg["size_experiment"] * ex_s[1] + cfg["size_plate"] * pl_s[1],
+            log_focus=cfg["focus_plate"] * pl_s[2],
+            illumination=illumination,
+        )
 
     def render(self, w: Well, site: int) -> np.ndarray:
         """One site: uint8 array (6, S, S)."""
         cfg = self.cfg
         size = cfg["image_size"]
+        fx = self.plate_effects[(w.experiment, w.plate)]
+        row, col, edge = well_position(w.well)
+        wrng = _rng(self.seed, "well_effect", w.experiment, w.plate, w.well)
+        well_shift = cfg["well_noise"] * wrng.standard_normal(6)
+        well_density = cfg["density_well"] * wrng.standard_normal()
         rng = _rng(self.seed, "site", w.experiment, w.plate, w.well, site)
-        ph = self.phenotype[w.cell_type][w.sirna_id] + self.appearance[w.cell_type]
-        intensity = BASE_INTENSITY * np.exp(ph[0:6])
+        ph = self.response[w.experiment][w.sirna_id] + self.appearance[w.cell_type]
+        intensity = BASE_INTENSITY * np.exp(ph[0:6] + well_shift) * fx.stain
         texture_amp = 0.35 * np.exp(ph[6:12])
-        n_cells = max(1, int(rng.poisson(cfg["cells_per_site"] * np.exp(ph[12]))))
-        radius = cfg["cell_radius"] * size * np.exp(ph[13])
+        log_density = ph[12] + fx.log_density + well_density + fx.edge_density * edge
+        n_cells = max(1, int(rng.poisson(cfg["cells_per_site"] * np.exp(log_density))))
+        radius = cfg["cell_radius"] * size * np.exp(ph[13] + fx.log_size)
         var = cfg["cell_variability"]
 
         signal = np.zeros((6, size, size), np.float32)
@@ -280,13 +438,29 @@ class Screen:
         up = _upsampler(coarse, size)
         field = np.matmul(np.matmul(up, field), up.T)
         signal *= np.clip(1.0 + texture_amp[:, None, None].astype(np.float32) * field, 0.0, None)
-
-        gain, offset, gradient = self.technical(w.experiment, w.plate)
-        row = (layout.ROWS.index(w.well[0]) - (len(layout.ROWS) - 1) / 2) / ((len(layout.ROWS) - 1) / 2)
-        col = (int(w.well[1:]) - np.mean(layout.COLUMNS)) / ((len(layout.COLUMNS) - 1) / 2)
-        gain = gain * np.exp(gradient[0] * row + gradient[1] * col)
-        image = (cfg["background"] + signal) * gain[:, None, None].astype(np.float32)
-        image += offset[:, None, None].astype(np.float32)
+        # Channel cross-talk, then focus blur.
+        signal = np.tensordot(fx.mixing.astype(np.float32), signal, axes=1)
+        if cfg["focus_blur"] > 0:
+            log_sigma = (
+                fx.log_focus
+                + cfg["focus_site"]
+                * _rng(self.seed, "focus", w.experiment, w.plate, w.well, site).standard_normal()
+            )
+            sigma = _quantised_sigma(cfg["focus_blur"] * cfg["cell_radius"] * size * np.exp(log_sigma))
+            blur = _blur_matrix(size, sigma)
+            signal = np.matmul(np.matmul(blur, signal), blur.T)
+        # Illumination field x plate gain x well-position gain, then the non-linear response.
+        flat = np.exp(
+            np.matmul(
+                np.matmul(_upsampler(3, size), fx.illumination.astype(np.float32)), _upsampler(3, size).T
+            )
+        )
+        gain = fx.gain * np.exp(fx.gradient[0] * row + fx.gradient[1] * col + fx.edge_gain * edge)
+        image = (cfg["background"] + signal) * flat * gain[:, None, None].astype(np.float32)
+        image = 255.0 * np.power(
+            np.clip(image, 0.0, None) / 255.0, fx.gamma[:, None, None].astype(np.float32)
+        )
+        image += fx.offset[:, None, None].astype(np.float32)
         image += cfg["pixel_noise"] * rng.standard_normal(image.shape, dtype=np.float32)
         return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
