@@ -4,7 +4,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -14,13 +14,13 @@ SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
 
-from deepnoise import configcheck, layout  # noqa: E402
+from deepnoise import configcheck, hparams as training_keys, layout  # noqa: E402
 
 # Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
-# data folder) in one message naming the keys and the allowed values, before any job starts.
+# data folder) in one message naming the keys and the allowed values, before any job starts. One
+# pass: configcheck runs the schema itself (Snakemake's validate() would report each problem again).
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
 configcheck.check_config(config, configcheck.load_schema(SCHEMA))
-validate(config, schema=str(SCHEMA))
 
 CONDA_ENV = "../../envs/deepnoise.yaml"
 
@@ -144,15 +144,17 @@ def metrics(round_):
 
 
 # ---------------------------------------------------------------- hyper-parameters as params
-def hparams(model, finetune=False):
-    """The shared training keys, overridden by the model's own (and by `finetune` for fine-tuning)."""
-    extra = config["finetune"] if finetune else {}
-    return {**config["train"], **config["models"][model], **extra}
-
-
 def hparams_json(model, finetune=False):
-    """One JSON string per model and stage: the `params:` value whose change reruns that job."""
-    return json.dumps(hparams(model, finetune), sort_keys=True)
+    """One JSON string per model and stage: the `params:` value whose change reruns that job (the
+    recipe keys of train <- models.<m> [<- finetune <- models.<m>.finetune]; no runtime knob).
+    """
+    return json.dumps(training_keys.recipe(config, model, finetune), sort_keys=True)
+
+
+# Runtime knobs (loader workers, validation batch, AMP, ...; set under `train:`): plain flags of the
+# training command, read from this global in `shell:` so that they are not `params:` and changing
+# one never reruns a job (Snakemake 9 tracks params, inputs, code = the unformatted shell text).
+RUNTIME_ARGS = training_keys.runtime_args(config["train"])
 
 
 def previous_pseudo_labels(wildcards):

@@ -1,0 +1,206 @@
+"""The training keys have one definition (deepnoise.hparams.TrainConfig): the schema's training
+sections and config/README.md's key table are generated from it, the job's checks and the schema
+agree on every key, one merge gives each model's keys, and a value that would fail a job or learn
+nothing is refused at parse time by a real `snakemake -n`, once, naming its key."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+from workflow_utils import REPO, load_tiny, snakemake, write_config
+
+from deepnoise import configcheck, hparams
+from deepnoise.errors import InputError
+from deepnoise.hparams import TrainConfig
+
+SCHEMA = configcheck.load_schema(REPO / "workflow/schemas/config.schema.yaml")
+
+
+def test_generated_schema_and_key_table_are_current():
+    """Fails when TrainConfig changed and `python -m deepnoise.hparams --write` was not run."""
+    for path, text in hparams.generated(REPO).items():
+        assert path.read_text() == text, (
+            f"{path} drifted: run PYTHONPATH=scripts python -m deepnoise.hparams --write"
+        )
+    assert hparams.main(["--check"]) == 0
+
+
+def test_check_reports_a_drifted_file(tmp_path: Path):
+    for name in (hparams.SCHEMA_FILE, hparams.README_FILE):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((REPO / name).read_text())
+    readme = tmp_path / hparams.README_FILE
+    readme.write_text(readme.read_text().replace("| `lr` |", "| `learning_rate` |"))
+    assert hparams.main(["--check", "--repo", str(tmp_path)]) == 1
+    assert hparams.main(["--write", "--repo", str(tmp_path)]) == 0
+    assert hparams.main(["--check", "--repo", str(tmp_path)]) == 0
+
+
+PROBES = [
+    -2,
+    -1,
+    0,
+    0.5,
+    1,
+    1.0,
+    2,
+    3,
+    64,
+    True,
+    False,
+    "x",
+    "",
+    None,
+    [],
+    [0.5, 1.0],
+    [1, 2],
+    [-1],
+    [2.0, 1.0],
+]
+
+
+@pytest.mark.parametrize("name", list(TrainConfig.keys()))
+def test_schema_and_job_checks_agree_on_every_key(name):
+    """The schema (parse time) and TrainConfig.from_dict (the job) accept exactly the same values."""
+    section = hparams.section_schema("train")
+    for value in PROBES:
+        schema_ok = jsonschema.Draft202012Validator(section).is_valid({name: value})
+        try:
+            TrainConfig.from_dict({name: value})
+            job_ok = True
+        except InputError:
+            job_ok = False
+        if job_ok != schema_ok and name in ("lr_milestones", "lr_values", "aug_crop_scale"):
+            job_ok = not TrainConfig.key_problems({name: value}, "x")  # cross-key rules are not the schema's
+        assert job_ok == schema_ok, (name, value, schema_ok, job_ok)
+
+
+def test_merge_order_and_per_model_finetune():
+    cfg = load_tiny()
+    cfg["models"]["r18"]["finetune"] = {"lr": 0.05, "epochs": 7}
+    cfg["models"]["r18"]["lr"] = 0.002
+    assert hparams.merged(cfg, "r18")["lr"] == 0.002
+    assert hparams.merged(cfg, "r18", finetune=True)["lr"] == 0.05  # models.<m>.finetune wins
+    assert hparams.merged(cfg, "r18", finetune=True)["epochs"] == 7
+    assert hparams.merged(cfg, "r10", finetune=True)["lr"] == cfg["finetune"]["lr"]  # the global one
+    assert "finetune" not in hparams.merged(cfg, "r18", finetune=True)
+    assert hparams.origin(cfg, "r18", True, "lr") == "models.r18.finetune"
+    assert hparams.origin(cfg, "r10", True, "lr") == "finetune"
+    assert hparams.origin(cfg, "r10", False, "seed") == "train"
+
+
+def test_recipe_leaves_out_the_runtime_knobs_and_the_job_takes_them_as_flags():
+    cfg = load_tiny()
+    assert set(hparams.RUNTIME_KEYS) == {
+        "num_workers",
+        "val_batch_size",
+        "amp",
+        "channels_last",
+        "cudnn_benchmark",
+    }
+    assert not set(hparams.recipe(cfg, "r10")) & set(hparams.RUNTIME_KEYS)
+    words = hparams.runtime_args({**cfg["train"], "num_workers": 3, "amp": False})
+    assert words[:2] == ["--num-workers", "3"] and "--no-amp" in words
+    parser = argparse.ArgumentParser()
+    hparams.add_runtime_arguments(parser)
+    args = parser.parse_args(words)
+    run = hparams.with_runtime(TrainConfig.from_dict(hparams.recipe(cfg, "r10")), args)
+    assert (run.num_workers, run.amp, run.val_batch_size) == (3, False, 64)
+    with pytest.raises(InputError, match="command line.num_workers: must be >= 0"):
+        hparams.with_runtime(TrainConfig(), parser.parse_args(["--num-workers", "-1"]))
+
+
+def test_cross_key_problem_is_reported_once_against_its_section():
+    cfg = load_tiny()
+    cfg["train"]["lr_milestones"] = [
+        1,
+        2,
+    ]  # both models and both stages inherit it... but finetune sets its own
+    problems = hparams.cross_problems(cfg)
+    assert problems == [
+        "config train.lr_values and train.lr_milestones: need one lr_values entry per lr_milestones entry"
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Refused at parse time by a real `snakemake -n`, with exactly one message naming the key
+
+REFUSED = {
+    "model lr 0": ({"models.r10.lr": 0}, "config models.r10.lr: must be > 0, got 0"),
+    "finetune lr negative": ({"finetune.lr": -0.1}, "config finetune.lr: must be > 0, got -0.1"),
+    "lr_values entry 0": ({"train.lr_values": [0.0]}, "config train.lr_values.0: must be > 0, got 0.0"),
+    "per-model finetune lr": (
+        {"models.r18.finetune": {"lr": 0}},
+        "config models.r18.finetune.lr: must be > 0, got 0",
+    ),
+    "negative workers": ({"train.num_workers": -1}, "config train.num_workers: must be >= 0, got -1"),
+    "negative weight decay": (
+        {"models.r18.weight_decay": -1e-4},
+        "config models.r18.weight_decay: must be >= 0",
+    ),
+    "negative consistency weight": (
+        {"finetune.consistency_weight": -1},
+        "config finetune.consistency_weight: must be >= 0, got -1",
+    ),
+    "negative pseudo weight": (
+        {"train.pseudo_weight": -1},
+        "config train.pseudo_weight: must be >= 0, got -1",
+    ),
+    "ema decay out of range": ({"train.ema_decay": 2}, "config train.ema_decay: must be < 1, got 2"),
+    "ema decay 1 learns nothing": (
+        {"models.r10.ema_decay": 1},
+        "config models.r10.ema_decay: must be < 1, got 1",
+    ),
+    "erase probability": ({"train.aug_erase_p": 1.5}, "config train.aug_erase_p: must be <= 1, got 1.5"),
+    "runtime knob under a model": (
+        {"models.r10.num_workers": 2},
+        "config models.r10.num_workers: a runtime knob (never changes results): set it once under train",
+    ),
+    "backbone in finetune": ({"finetune.backbone": "resnet18"}, "config finetune.backbone: unknown key"),
+    "milestones not increasing": (
+        {"finetune.lr_milestones": [3, 2], "finetune.lr_values": [0.1, 0.01]},
+        "config finetune.lr_milestones: must be increasing",
+    ),
+}
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for k in path:
+        cfg = cfg[k]
+    cfg[last] = value
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_training_value_is_refused_at_parse_time_once(case, tmp_path):
+    changes, message = REFUSED[case]
+    cfg = load_tiny()
+    for k, v in changes.items():
+        _set(cfg, k, v)
+    proc = snakemake(
+        tmp_path, "-n", "--cores", "1", "--configfile", str(write_config(tmp_path, cfg)), check=False
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert "1 configuration problem(s)" in text, text[-3000:]
+    assert len(re.findall(re.escape(message), text)) == 1, text[-3000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_per_model_finetune_settings_reach_only_that_models_finetune(tmp_path):
+    cfg = load_tiny()
+    cfg["models"]["r18"]["finetune"] = {"lr": 0.0123}
+    proc = snakemake(
+        tmp_path, "-n", "-p", "--cores", "1", "--configfile", str(write_config(tmp_path, cfg)), "--forceall"
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if "deepnoise train" in ln]
+    finetunes = [ln for ln in lines if "--init" in ln]
+    r18 = [ln for ln in finetunes if "/r18/" in ln]
+    assert r18 and all('"lr": 0.0123' in ln for ln in r18)
+    assert all('"lr": 0.0123' not in ln for ln in lines if ln not in r18)
+    # runtime knobs reach every training command as flags, never inside the hashed JSON
+    assert all("--num-workers 1" in ln and '"num_workers"' not in ln for ln in lines)
