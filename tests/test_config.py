@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 from workflow_utils import REPO, load_tiny, snakemake, write_config
 
-from deepnoise import configcheck, hparams
+from deepnoise import configcheck, hparams, split
 from deepnoise.errors import InputError
 from deepnoise.hparams import TrainConfig
+from deepnoise.layout import Experiment
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from rxrx1_metadata import metadata as rxrx1_metadata  # noqa: E402
 
 SCHEMA = configcheck.load_schema(REPO / "workflow/schemas/config.schema.yaml")
 
@@ -204,3 +209,78 @@ def test_per_model_finetune_settings_reach_only_that_models_finetune(tmp_path):
     assert all('"lr": 0.0123' not in ln for ln in lines if ln not in r18)
     # runtime knobs reach every training command as flags, never inside the hashed JSON
     assert all("--num-workers 1" in ln and '"num_workers"' not in ln for ln in lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The validation split: unit tests, then refused at parse time in both real-data layouts
+
+
+def _screen(spec: dict[str, tuple[int, int]]) -> list[Experiment]:
+    out = []
+    for ct, (n_train, n_test) in spec.items():
+        out += [
+            Experiment(f"{ct}-{i + 1:02d}", ct, "train" if i < n_train else "test")
+            for i in range(n_train + n_test)
+        ]
+    return out
+
+
+def test_validation_hold_out_and_its_problems():
+    screen = _screen({"HUVEC": (3, 1), "U2OS": (1, 1)})
+    assert split.validation_experiments(screen, [], 1) == ["HUVEC-03", "U2OS-01"]
+    assert split.validation_experiments(screen, [], 0) == []
+    assert split.validation_experiments(screen, ["HUVEC-01"], 1) == ["HUVEC-01"]
+    with pytest.raises(InputError, match="'U2OS-02' is not a labelled experiment"):
+        split.validation_experiments(screen, ["U2OS-02"], 1)
+    # one labelled U2OS experiment held out: U2OS cannot be fine-tuned
+    (problem,) = split.split_problems(screen, ["HUVEC-03", "U2OS-01"], ["HUVEC", "U2OS"], explicit=False)
+    assert problem.startswith("config split.validation_per_cell_type: cell type U2OS has 1 labelled")
+    assert "leave U2OS out of cell_types" in problem
+    # ... but it can when it is not fine-tuned (the shared model trains on the other cell types)
+    assert split.split_problems(screen, ["HUVEC-03", "U2OS-01"], ["HUVEC"], explicit=False) == []
+    # an explicit list that leaves a fine-tuned cell type without validation: never scored
+    (problem,) = split.split_problems(screen, ["HUVEC-03"], ["HUVEC", "U2OS"], explicit=True)
+    assert "fine-tuned cell type U2OS has no validation experiment" in problem
+    assert split.split_problems(screen, [], ["HUVEC", "U2OS"], explicit=False) == []  # no validation at all
+    (problem,) = split.split_problems(
+        screen, ["HUVEC-01", "HUVEC-02", "HUVEC-03", "U2OS-01"], ["HUVEC"], True
+    )
+    assert "every labelled experiment is held out" in problem
+
+
+def _one_labelled_u2os(root: Path, layout_name: str) -> Path:
+    """An RxRx1-shaped screen (metadata only) whose U2OS has one labelled experiment."""
+    df = rxrx1_metadata(8)
+    df = df[df["experiment"] != "U2OS-02"]
+    assert sorted(df[df["cell_type"] == "U2OS"]["experiment"].unique()) == ["U2OS-01"]
+    root.mkdir()
+    if layout_name == "rxrx1":
+        df.to_csv(root / "metadata.csv", index=False)
+        return root
+    train = df[df["dataset"] == "train"].drop_duplicates("well_id")
+    kaggle = train.rename(columns={"well_id": "id_code", "sirna_id": "sirna"})
+    kaggle[["id_code", "experiment", "plate", "well", "sirna"]].to_csv(root / "train.csv", index=False)
+    kaggle.head(0)[["id_code", "experiment", "plate", "well"]].to_csv(root / "test.csv", index=False)
+    for name in ("train_controls.csv", "test_controls.csv"):
+        (root / name).write_text("id_code,experiment,plate,well,sirna,well_type\n")
+    return root
+
+
+@pytest.mark.parametrize("layout_name", ["rxrx1", "kaggle"])
+def test_one_labelled_experiment_held_out_is_refused_at_parse_time(layout_name, tmp_path):
+    root = _one_labelled_u2os(tmp_path / "data", layout_name)
+    cfg = load_tiny(**{"data.source": layout_name, "data.root": str(root)})
+    configfile = write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(configfile), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    message = (
+        "config split.validation_per_cell_type: cell type U2OS has 1 labelled experiment(s) (U2OS-01) "
+        "and all are held out for validation"
+    )
+    assert text.count(message) == 1, text[-3000:]
+    assert "1 configuration problem(s)" in text
+    # the fixes it names plan
+    for fix in ({"split.validation_per_cell_type": 0}, {"cell_types": ["HUVEC", "RPE", "HEPG2"]}):
+        ok = write_config(tmp_path, load_tiny(**{"data.source": layout_name, "data.root": str(root), **fix}))
+        snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(ok), "--quiet", "rules")

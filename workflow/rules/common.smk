@@ -14,7 +14,7 @@ SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
 
-from deepnoise import configcheck, hparams as training_keys, layout  # noqa: E402
+from deepnoise import configcheck, hparams as training_keys, layout, split  # noqa: E402
 
 # Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
 # data folder) in one message naming the keys and the allowed values, before any job starts. One
@@ -49,30 +49,24 @@ ROUNDS = list(range(int(config["rounds"])))
 LAST_ROUND = ROUNDS[-1]
 
 
-def _validation_experiments():
-    explicit = list(config["split"]["validation_experiments"])
-    for e in explicit:
-        if e not in EXP or EXP[e].dataset != "train":
-            labelled = [x.experiment for x in EXPERIMENTS if x.dataset == "train"]
-            raise configcheck.ConfigError(
-                f"config split.validation_experiments: {e!r} is not a labelled experiment; "
-                f"allowed values: {', '.join(labelled)}"
-            )
-    if explicit:
-        return explicit
-    n = int(config["split"]["validation_per_cell_type"])
-    out = []
-    for ct in ALL_CELL_TYPES:
-        train = [
-            e.experiment
-            for e in EXPERIMENTS
-            if e.cell_type == ct and e.dataset == "train"
-        ]
-        out += train[len(train) - n :]
-    return out
-
-
-VAL_EXPERIMENTS = _validation_experiments()
+# The validation hold-out, and the splits that cannot run (a fine-tuned cell type without a
+# labelled training experiment, or never scored) refused with their fix before any job starts.
+VAL_EXPERIMENTS = split.validation_experiments(
+    EXPERIMENTS,
+    config["split"]["validation_experiments"],
+    int(config["split"]["validation_per_cell_type"]),
+)
+_split_problems = split.split_problems(
+    EXPERIMENTS,
+    VAL_EXPERIMENTS,
+    CELL_TYPES,
+    explicit=bool(config["split"]["validation_experiments"]),
+)
+if _split_problems:
+    raise configcheck.ConfigError(
+        f"{len(_split_problems)} configuration problem(s):\n"
+        + "\n".join(f"  - {p}" for p in _split_problems)
+    )
 
 
 def predicted_experiments(cell_type):
