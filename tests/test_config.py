@@ -207,8 +207,9 @@ def test_per_model_finetune_settings_reach_only_that_models_finetune(tmp_path):
     r18 = [ln for ln in finetunes if "/r18/" in ln]
     assert r18 and all('"lr": 0.0123' in ln for ln in r18)
     assert all('"lr": 0.0123' not in ln for ln in lines if ln not in r18)
-    # runtime knobs reach every training command as flags, never inside the hashed JSON
-    assert all("--num-workers 1" in ln and '"num_workers"' not in ln for ln in lines)
+    # runtime knobs reach every training command as flags (exported by the shell prefix), never
+    # inside the hashed JSON
+    assert all("$DEEPNOISE_TRAIN_RUNTIME" in ln and '"num_workers"' not in ln for ln in lines)
 
 
 # ------------------------------------------------------------------------------------------------

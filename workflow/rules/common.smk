@@ -12,7 +12,8 @@ min_version("9.0")
 # installed (also inside `--sdm conda` environments, which carry only the dependencies).
 SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
+SHELL_PREFIX = f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; "
+shell.prefix(SHELL_PREFIX)
 
 from deepnoise import configcheck, hparams as training_keys, layout, split  # noqa: E402
 
@@ -146,9 +147,14 @@ def hparams_json(model, finetune=False):
 
 
 # Runtime knobs (loader workers, validation batch, AMP, ...; set under `train:`): plain flags of the
-# training command, read from this global in `shell:` so that they are not `params:` and changing
-# one never reruns a job (Snakemake 9 tracks params, inputs, code = the unformatted shell text).
+# training command, so that changing one never reruns a job. Not `params:` (tracked) nor a global in
+# `shell:` (refused by `snakemake --lint`): the shell prefix exports them and the training rules
+# append `$DEEPNOISE_TRAIN_RUNTIME`. Snakemake 9 tracks params, inputs and code, where code is the
+# rule's unformatted shell text, never the prefix; on Slurm the job step re-parses the same config.
 RUNTIME_ARGS = training_keys.runtime_args(config["train"])
+shell.prefix(
+    f"{SHELL_PREFIX}export DEEPNOISE_TRAIN_RUNTIME={shlex.quote(shlex.join(RUNTIME_ARGS))}; "
+)
 
 
 def previous_pseudo_labels(wildcards):
