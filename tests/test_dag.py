@@ -1,4 +1,7 @@
-"""The full-RxRx1 config plans its whole DAG from the metadata alone (no images on disk)."""
+"""The plan is exactly the config a user gives: planned from the repository root (where the demo
+config lives), `config/rxrx1.yaml` trains its own two models only, a model removed from a config is
+gone from the plan, and a run with no --configfile is the demo. The full-RxRx1 DAG is planned from
+the metadata alone (no images on disk)."""
 
 from __future__ import annotations
 
@@ -7,13 +10,22 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from workflow_utils import REPO, plan
+from workflow_utils import REPO, Job, plan, snakemake
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from rxrx1_metadata import metadata  # noqa: E402
 
 
-def test_full_rxrx1_dry_run_from_metadata_alone(tmp_path: Path):
+def plan_from_repo_root(configfile: Path) -> list[Job]:
+    """The dry run a user gets in the repository root (--forceall: whatever results/ holds there)."""
+    return plan(REPO, configfile, "--forceall")
+
+
+def models_of(jobs: list[Job]) -> set[str]:
+    return {j.wc("model") for j in jobs if j.wc("model")}
+
+
+def test_rxrx1_config_plans_exactly_its_models_from_the_repository_root(tmp_path: Path):
     data = tmp_path / "rxrx1"
     data.mkdir()
     metadata(51).to_csv(data / "metadata.csv", index=False)
@@ -22,8 +34,10 @@ def test_full_rxrx1_dry_run_from_metadata_alone(tmp_path: Path):
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
 
-    jobs = Counter(j.rule for j in plan(tmp_path, configfile))
+    planned = plan_from_repo_root(configfile)
+    jobs = Counter(j.rule for j in planned)
 
+    assert models_of(planned) == {"xception", "xception-wide"}  # not the demo's r10, r18
     plates, experiments, cell_types, models, rounds = 51 * 4, 51, 4, 2, 3
     assert not (data / "images").exists()
     assert jobs["synthesize"] == 0
@@ -38,3 +52,29 @@ def test_full_rxrx1_dry_run_from_metadata_alone(tmp_path: Path):
     # every round but the last feeds pseudo labels to the next one
     assert jobs["pseudo_labels"] == rounds - 1
     assert jobs["submission"] == jobs["summary"] == 1
+    assert jobs["plot_training"] == rounds
+    # the README's 557 jobs, less the `all` target
+    assert sum(jobs.values()) == 556
+
+
+def test_a_model_removed_from_the_config_is_gone_from_the_plan(tmp_path: Path):
+    cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    assert {"r10", "r18"} <= set(cfg["models"])
+    del cfg["models"]["r18"]
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+
+    planned = plan_from_repo_root(configfile)
+
+    assert models_of(planned) == {"r10"}
+    assert Counter(j.rule for j in planned)["train"] == cfg["rounds"]
+
+
+def test_no_configfile_runs_the_demo_and_config_options_change_it(tmp_path: Path):
+    """`snakemake` alone plans the demo config; `--config key=value` alone changes the demo's key."""
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    proc = snakemake(tmp_path, "-n", "--cores", "1", "--config", "rounds=1", "--quiet", "rules")
+    rows = (line.split() for line in proc.stdout.splitlines())
+    counts = {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
+    assert counts["train"] == len(demo["models"]) * 1
+    assert counts["finetune"] == len(demo["models"]) * len(demo["synthetic"]["cell_types"])

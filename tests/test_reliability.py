@@ -38,7 +38,10 @@ BAD_CONFIGS = {
     "unknown training key": ({"train.lrr": 0.1}, r"config train\.lrr: unknown key \(did you mean lr\?\)"),
     "unknown model key": ({"models.r10.epoch": 3}, r"config models\.r10\.epoch: unknown key"),
     "wrong type": ({"train.epochs": "ten"}, r"config train\.epochs: expected integer, got a string"),
-    "wrong type in a model": ({"models.r18.seed": 1.5}, r"config models\.r18\.seed: expected an integer"),
+    "wrong type in a model": (
+        {"models.r18.seed": 1.5},
+        r"config models\.r18\.seed: expected integer, got a number",
+    ),
     "value outside an enum": (
         {"balance.method": "exakt"},
         r"config balance\.method: 'exakt' is not allowed \(did you mean exact\?\); "

@@ -71,6 +71,28 @@ def test_one_models_learning_rate_reruns_only_that_model_and_downstream(finished
             assert "updated by another job" in j.reason or "params" in j.reason.lower(), j
 
 
+def test_runtime_knobs_plan_no_job(finished, tmp_path):
+    """Loader workers, validation batch, AMP, ... change speed, never results: not a rerun trigger."""
+    _, cfg = finished
+    knobs = {
+        "train.num_workers": cfg["train"]["num_workers"] + 2,
+        "train.val_batch_size": 8,
+        "train.amp": False,
+        "train.channels_last": False,
+        "train.cudnn_benchmark": False,
+    }
+    assert changed(finished, tmp_path, **knobs) == []
+
+
+def test_one_models_finetune_setting_reruns_only_its_finetunes_and_downstream(finished, tmp_path):
+    jobs = changed(finished, tmp_path, **{"models.r18.finetune": {"lr": 0.0005}})
+    round0 = [j for j in jobs if j.wc("round") == "0"]
+    assert not {j.rule for j in jobs} & DATA_RULES
+    assert {j.wc("model") for j in round0 if j.wc("model")} == {"r18"}
+    assert "train" not in {j.rule for j in round0}  # the shared model is not fine-tuning
+    assert {"finetune", "predict", "ensemble", "balance", "metrics"} <= {j.rule for j in round0}
+
+
 def test_normalisation_reruns_training_not_ingestion(finished, tmp_path):
     jobs = changed(finished, tmp_path, **{"train.normalization": "experiment"})
     rules = {j.rule for j in jobs}

@@ -30,12 +30,12 @@ STALE_SUFFIX = ".stale"
 LOCK_NAME = ".lock"
 # what every checkpoint holds (``Trainer.state_dict()`` adds the model, optimiser and EMA state)
 CHECKPOINT_KEYS = ("epoch", "hparams", "model_config", "inputs", "log", "rng", "trainer")
-# hparams that do not change the trained weights: a checkpoint resumes across them
-RESUME_IGNORED = ("num_workers", "val_batch_size")
-
-
 def resume_key(hparams: dict) -> dict:
-    return {k: v for k, v in hparams.items() if k not in RESUME_IGNORED}
+    """The recipe: hparams without the runtime knobs, which do not change the trained weights (a
+    checkpoint resumes across them)."""
+    from deepnoise.hparams import RUNTIME_KEYS
+
+    return {k: v for k, v in hparams.items() if k not in RUNTIME_KEYS}
 
 
 # ---------------------------------------------------------------- random state

@@ -6,8 +6,10 @@ the allowed values:
 
 * the JSON schema (workflow/schemas/config.schema.yaml): unknown keys, wrong types, out-of-range
   numbers such as ``rounds: 0``, values outside an enum;
-* every model's merged training keys (``train`` + ``models.<name>`` [+ ``finetune``]) against
-  ``deepnoise.hparams.TrainConfig``, and its ``backbone`` against timm's model registry;
+  the training sections of the schema are generated from ``deepnoise.hparams.TrainConfig``, so the
+  schema is the one per-key check of every training key, whichever section holds it;
+* every model's merged training keys (``deepnoise.hparams.merged``) against the rules between keys,
+  and its ``backbone`` against timm's model registry;
 * the synthetic generator's keys (``deepnoise.synth``) when the source is synthetic;
 * the data folder and its metadata files when the source is rxrx1 or kaggle (the images are checked
   by the ``sites`` job, so a whole DAG can be planned from the metadata alone).
@@ -60,6 +62,18 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _unknown_key(path, name: str, allowed: list[str]) -> str:
+    from deepnoise.hparams import RUNTIME_KEYS
+
+    where = dotted([*path, name])
+    if name in RUNTIME_KEYS and name not in allowed:
+        return f"config {where}: a runtime knob (never changes results): set it once under train"
+    return (
+        f"config {where}: unknown key{did_you_mean(name, allowed)}; "
+        f"allowed keys under {dotted(path)}: {', '.join(allowed)}"
+    )
+
+
 def _schema_message(error) -> str:
     """One line per jsonschema error: the dotted key, what is wrong and what is allowed."""
     key = dotted(error.absolute_path)
@@ -69,11 +83,7 @@ def _schema_message(error) -> str:
     if kind == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(value) - set(allowed))
-        return "; ".join(
-            f"config {dotted([*error.absolute_path, k])}: unknown key{did_you_mean(k, allowed)}; "
-            f"allowed keys under {key}: {', '.join(allowed)}"
-            for k in extra
-        )
+        return "; ".join(_unknown_key(error.absolute_path, k, allowed) for k in extra)
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]
         return f"config {key}: missing key {', '.join(missing)}"
@@ -116,7 +126,9 @@ def schema_problems(config: dict, schema: dict) -> list[str]:
                     f"(letters, digits and '-', starting with a letter or digit)"
                 )
             continue
-        out.append(_schema_message(e))
+        message = _schema_message(e)
+        if message not in out:  # a missing key list is one error per missing key
+            out.append(message)
     return out
 
 
@@ -172,29 +184,16 @@ def data_problems(source: str, root: str) -> list[str]:
 
 
 def train_problems(config: dict) -> list[str]:
-    """Training keys section by section (naming the section that holds a bad key), then every
-    model's merged keys for training and fine-tuning (cross-key rules), and its backbone."""
-    from deepnoise.hparams import TrainConfig
+    """What the schema cannot see in the training keys (its per-key checks are generated from
+    ``deepnoise.hparams.TrainConfig``): rules between keys of every model's merged training and
+    fine-tuning keys (each reported once, against the sections holding the keys), and backbones."""
+    from deepnoise import hparams
 
-    train = config.get("train") or {}
-    finetune = config.get("finetune") or {}
-    models = config.get("models") or {}
-    out = TrainConfig.key_problems(train, "config train")
-    out += TrainConfig.key_problems(finetune, "config finetune")
-    for name, own in models.items():
-        out += TrainConfig.key_problems(own or {}, f"config models.{name}")
-        problem = backbone_problem({**train, **(own or {})}.get("backbone"), f"models.{name}.backbone")
+    out = hparams.cross_problems(config)
+    for name in config.get("models") or {}:
+        problem = backbone_problem(hparams.merged(config, name).get("backbone"), f"models.{name}.backbone")
         if problem:
             out.append(problem)
-    if out:
-        return out
-    for name, own in models.items():
-        for extra, where in (({}, f"train + models.{name}"), (finetune, f"train + models.{name} + finetune")):
-            try:
-                TrainConfig.from_dict({**train, **(own or {}), **extra}, source=f"config ({where})")
-            except InputError as exc:
-                if str(exc) not in out:
-                    out.append(str(exc))
     return out
 
 

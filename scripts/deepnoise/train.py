@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from deepnoise import atomic, augment, checkpoint, data, inference, losses, models, pseudo
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
-from deepnoise.hparams import TrainConfig, load_hparams  # noqa: F401 (re-exported)
+from deepnoise.hparams import TrainConfig, add_runtime_arguments, load_hparams, with_runtime  # noqa: F401
 from deepnoise.weights import load_weights, save_weights
 
 log = logging.getLogger(__name__)
@@ -750,7 +750,7 @@ def _visible_gpus(device: str) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    cfg = load_hparams(args.hparams)
+    cfg = with_runtime(load_hparams(args.hparams), args)
     n_gpus = _visible_gpus(args.device)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         # A job given several GPUs (Slurm: gpu=N) trains with DDP, one process per GPU.
@@ -808,4 +808,5 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-dir", required=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_runtime_arguments(p)  # --num-workers, --val-batch-size, --[no-]amp, ...
     p.set_defaults(func=_main)

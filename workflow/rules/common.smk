@@ -4,7 +4,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -12,15 +12,16 @@ min_version("9.0")
 # installed (also inside `--sdm conda` environments, which carry only the dependencies).
 SCRIPTS = str(Path(workflow.basedir).parent / "scripts")
 sys.path.insert(0, SCRIPTS)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; ")
+SHELL_PREFIX = f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; "
+shell.prefix(SHELL_PREFIX)
 
-from deepnoise import configcheck, layout  # noqa: E402
+from deepnoise import configcheck, hparams as training_keys, layout, split  # noqa: E402
 
 # Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
-# data folder) in one message naming the keys and the allowed values, before any job starts.
+# data folder) in one message naming the keys and the allowed values, before any job starts. One
+# pass: configcheck runs the schema itself (Snakemake's validate() would report each problem again).
 SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
 configcheck.check_config(config, configcheck.load_schema(SCHEMA))
-validate(config, schema=str(SCHEMA))
 
 CONDA_ENV = "../../envs/deepnoise.yaml"
 
@@ -49,30 +50,24 @@ ROUNDS = list(range(int(config["rounds"])))
 LAST_ROUND = ROUNDS[-1]
 
 
-def _validation_experiments():
-    explicit = list(config["split"]["validation_experiments"])
-    for e in explicit:
-        if e not in EXP or EXP[e].dataset != "train":
-            labelled = [x.experiment for x in EXPERIMENTS if x.dataset == "train"]
-            raise configcheck.ConfigError(
-                f"config split.validation_experiments: {e!r} is not a labelled experiment; "
-                f"allowed values: {', '.join(labelled)}"
-            )
-    if explicit:
-        return explicit
-    n = int(config["split"]["validation_per_cell_type"])
-    out = []
-    for ct in ALL_CELL_TYPES:
-        train = [
-            e.experiment
-            for e in EXPERIMENTS
-            if e.cell_type == ct and e.dataset == "train"
-        ]
-        out += train[len(train) - n :]
-    return out
-
-
-VAL_EXPERIMENTS = _validation_experiments()
+# The validation hold-out, and the splits that cannot run (a fine-tuned cell type without a
+# labelled training experiment, or never scored) refused with their fix before any job starts.
+VAL_EXPERIMENTS = split.validation_experiments(
+    EXPERIMENTS,
+    config["split"]["validation_experiments"],
+    int(config["split"]["validation_per_cell_type"]),
+)
+_split_problems = split.split_problems(
+    EXPERIMENTS,
+    VAL_EXPERIMENTS,
+    CELL_TYPES,
+    explicit=bool(config["split"]["validation_experiments"]),
+)
+if _split_problems:
+    raise configcheck.ConfigError(
+        f"{len(_split_problems)} configuration problem(s):\n"
+        + "\n".join(f"  - {p}" for p in _split_problems)
+    )
 
 
 def predicted_experiments(cell_type):
@@ -144,15 +139,22 @@ def metrics(round_):
 
 
 # ---------------------------------------------------------------- hyper-parameters as params
-def hparams(model, finetune=False):
-    """The shared training keys, overridden by the model's own (and by `finetune` for fine-tuning)."""
-    extra = config["finetune"] if finetune else {}
-    return {**config["train"], **config["models"][model], **extra}
-
-
 def hparams_json(model, finetune=False):
-    """One JSON string per model and stage: the `params:` value whose change reruns that job."""
-    return json.dumps(hparams(model, finetune), sort_keys=True)
+    """One JSON string per model and stage: the `params:` value whose change reruns that job (the
+    recipe keys of train <- models.<m> [<- finetune <- models.<m>.finetune]; no runtime knob).
+    """
+    return json.dumps(training_keys.recipe(config, model, finetune), sort_keys=True)
+
+
+# Runtime knobs (loader workers, validation batch, AMP, ...; set under `train:`): plain flags of the
+# training command, so that changing one never reruns a job. Not `params:` (tracked) nor a global in
+# `shell:` (refused by `snakemake --lint`): the shell prefix exports them and the training rules
+# append `$DEEPNOISE_TRAIN_RUNTIME`. Snakemake 9 tracks params, inputs and code, where code is the
+# rule's unformatted shell text, never the prefix; on Slurm the job step re-parses the same config.
+RUNTIME_ARGS = training_keys.runtime_args(config["train"])
+shell.prefix(
+    f"{SHELL_PREFIX}export DEEPNOISE_TRAIN_RUNTIME={shlex.quote(shlex.join(RUNTIME_ARGS))}; "
+)
 
 
 PSEUDO = config["pseudo"]

@@ -28,7 +28,7 @@ rule train:
         " --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
         " --val-experiments {params.val:q} {params.pseudo:q}"
-        " --checkpoint-dir {params.checkpoints:q} --threads {threads}"
+        " --checkpoint-dir {params.checkpoints:q} --threads {threads} $DEEPNOISE_TRAIN_RUNTIME"
         " --out-weights {output.weights:q} --out-log {output.log_csv:q} > {log:q} 2>&1"
 
 
@@ -58,7 +58,7 @@ rule finetune:
         " --init {input.init:q} --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
         " --val-experiments {params.val:q} {params.pseudo:q}"
-        " --checkpoint-dir {params.checkpoints:q} --threads {threads}"
+        " --checkpoint-dir {params.checkpoints:q} --threads {threads} $DEEPNOISE_TRAIN_RUNTIME"
         " --out-weights {output.weights:q} --out-log {output.log_csv:q} > {log:q} 2>&1"
 
 
