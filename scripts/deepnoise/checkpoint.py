@@ -30,6 +30,8 @@ STALE_SUFFIX = ".stale"
 LOCK_NAME = ".lock"
 # what every checkpoint holds (``Trainer.state_dict()`` adds the model, optimiser and EMA state)
 CHECKPOINT_KEYS = ("epoch", "hparams", "model_config", "inputs", "log", "rng", "trainer")
+
+
 def resume_key(hparams: dict) -> dict:
     """The recipe: hparams without the runtime knobs, which do not change the trained weights (a
     checkpoint resumes across them)."""

@@ -162,7 +162,8 @@ PSEUDO = config["pseudo"]
 
 def pseudo_inputs(wildcards):
     """What round r > 0 learns from on the unlabelled wells of round r - 1: its pseudo labels (hard)
-    or its ensembles (soft, the paper's averaged teachers); with warm_start also its weights."""
+    or its ensembles (soft, the paper's averaged teachers); with warm_start also its weights.
+    """
     r = int(wildcards.round)
     if r == 0:
         return {}
