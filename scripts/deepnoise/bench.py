@@ -200,7 +200,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:
         write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.record:
+        record(args.record, result, args.mean_teacher)
     return 0
+
+
+def record(table: str, result: dict, mean_teacher: bool) -> None:
+    """Add (or replace) this device's row in the throughput table of ``deepnoise plan``."""
+    from deepnoise import plan
+
+    same = [r for r in plan.read_table(table) if r["device"] == result["device"]]
+    startup = same[0]["startup_s"] if same else (120.0 if result["device"] != "cpu" else 10.0)
+    row = {
+        "device": result["device"],
+        "backbone": result["backbone"],
+        "input_size": result["input_size"],
+        "mean_teacher": mean_teacher,
+        "batch_size": result["batch_size"],
+        "unlabelled_batch_size": result["unlabelled_batch_size"],
+        "images_per_s": f"{result['full_step_images_per_s']:.4g}",
+        "startup_s": startup,
+        "source": f"deepnoise bench train {time.strftime('%Y-%m-%d')}, {result['threads']} threads",
+    }
+    plan.record_row(table, row)
+    print(f"recorded in {table}: {', '.join(f'{k}={v}' for k, v in row.items())}")
 
 
 def register(subparsers) -> None:
@@ -233,4 +256,10 @@ def register(subparsers) -> None:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", help="also write the results as JSON")
+    t.add_argument(
+        "--record",
+        nargs="?",
+        const=str(Path(__file__).with_name("throughput.csv")),
+        help="add or replace this device's row in deepnoise plan's throughput table (default: the package's)",
+    )
     t.set_defaults(func=_run)
