@@ -392,10 +392,11 @@ def _hours(s: float) -> str:
 
 
 def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, margin: float) -> str:
+    unit = "CPU" if device == "cpu" else "GPU"
     lines = [
         f"Forecast on {device}, {n_gpus} device(s) ({sum(f.jobs for f in out.values())} jobs planned)",
         "",
-        f"{'rule':<18} {'jobs':>5} {'images':>14} {'GPU-h':>9} {'wall h':>8} {'longest job h':>14}"
+        f"{'rule':<18} {'jobs':>5} {'images':>14} {unit + '-h':>9} {'wall h':>8} {'longest job h':>14}"
         f" {'limit (min)':>11}",
     ]
     for rule in sorted(
@@ -411,7 +412,11 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
             lines.append(f"{rule:<18} {f.jobs:>5} {'(CPU)':>14}")
     gpu = [out[r] for r in GPU_RULES if r in out]
     total_s, wall = sum(f.seconds for f in gpu), sum(f.wall_s for f in gpu)
-    lines += ["", f"GPU jobs total: {_hours(total_s)} GPU-hours, {_hours(wall)} h wall on {n_gpus} device(s)"]
+    lines += [
+        "",
+        f"train/finetune/predict: {_hours(total_s)} {unit}-hours,"
+        f" {_hours(wall)} h wall on {n_gpus} device(s)",
+    ]
     notes = sorted({n for f in gpu for n in f.notes})
     if notes:
         lines.append("Throughput rows used (throughput.csv):")
