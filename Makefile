@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SHELL       := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: setup demo test test-fast lint format dryrun dag rulegraph report bench ablation clean
+.PHONY: setup demo test test-fast lint format dryrun plan why dag rulegraph report bench ablation clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" || { echo "need CPython 3.11 (the pinned torch 2.14.1 wheels); set PYTHON=..."; exit 1; }
@@ -46,6 +46,16 @@ format: setup
 ## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz: apt-get install graphviz)
 dryrun: setup
 	$(SMK) -n
+
+## plan: jobs per rule and the forecast GPU-hours / wall time of CONFIG (GPUS=8, DEVICE=a throughput.csv row)
+GPUS   ?= 8
+DEVICE ?= NVIDIA H100 80GB HBM3
+plan: setup
+	deepnoise plan --configfile $(CONFIG) --gpus $(GPUS) --device "$(DEVICE)"
+
+## why: the config keys (old -> new) behind each job that a rerun of CONFIG would run
+why: setup
+	deepnoise why --configfile $(CONFIG)
 dag: setup
 	mkdir -p dag
 	snakemake all --dag --configfile $(CONFIG) | dot -Tsvg > dag/jobs.svg

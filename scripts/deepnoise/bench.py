@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +59,23 @@ def write_synthetic_plate(path: Path, n_wells: int, image_size: int, seed: int =
         stacks.seal(f)
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc; elsewhere 0)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _sync(rt: train.Runtime) -> None:
     if rt.cuda:
         torch.cuda.synchronize(rt.device)
 
 
 def bench_train(args: argparse.Namespace) -> dict:
+    t_start = time.perf_counter()
     rt = train.setup_runtime(args.device, args.threads)
     if rt.cuda:
         torch.backends.cudnn.benchmark = True
@@ -102,7 +114,10 @@ def bench_train(args: argparse.Namespace) -> dict:
         mean = np.full((len(index.files), 6), 128.0, np.float32)
         std = np.full((len(index.files), 6), 64.0, np.float32)
         mc = models.model_config(cfg, n_classes, n_classes)
+        t_model = time.perf_counter()
         trainer = train.Trainer(cfg, mc, rt, mean, std, steps_per_epoch=args.steps)
+        # a job's fixed cost: the interpreter and imports until now (the plate written above aside)
+        startup_s = _process_age() - (t_model - t_start) + (time.perf_counter() - t_model)
         n_params = models.count_parameters(trainer.student)
         trainer.start_epoch(0)
         b_unl = cfg.unlabelled_per_step() if args.mean_teacher else 0
@@ -185,6 +200,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "full_step_images_per_s": images_per_step * n / full_s,
         "loader_only_images_per_s": images_per_step * n_load / load_s,
         "first_batch_s": first_batch_s,
+        "startup_s": startup_s,
     }
     result["ratio_full_over_model"] = result["full_step_images_per_s"] / result["model_step_images_per_s"]
     if rt.cuda:
@@ -200,7 +216,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:
         write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.record:
+        record(args.record, result, args.mean_teacher)
     return 0
+
+
+def record(table: str, result: dict, mean_teacher: bool) -> None:
+    """Add (or replace) this device's row in the throughput table of ``deepnoise plan``."""
+    from deepnoise import plan
+
+    # start-up plus the first batch of each of a job's loaders (workers start per epoch)
+    startup = result["startup_s"] + result["first_batch_s"]
+    row = {
+        "device": result["device"],
+        "backbone": result["backbone"],
+        "input_size": result["input_size"],
+        "mean_teacher": mean_teacher,
+        "batch_size": result["batch_size"],
+        "unlabelled_batch_size": result["unlabelled_batch_size"],
+        "images_per_s": f"{result['full_step_images_per_s']:.4g}",
+        "startup_s": f"{startup:.3g}",
+        "source": f"deepnoise bench train {time.strftime('%Y-%m-%d')}, {result['threads']} threads",
+    }
+    plan.record_row(table, row)
+    print(f"recorded in {table}: {', '.join(f'{k}={v}' for k, v in row.items())}")
 
 
 def register(subparsers) -> None:
@@ -233,4 +272,10 @@ def register(subparsers) -> None:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", help="also write the results as JSON")
+    t.add_argument(
+        "--record",
+        nargs="?",
+        const=str(Path(__file__).with_name("throughput.csv")),
+        help="add or replace this device's row in deepnoise plan's throughput table (default: the package's)",
+    )
     t.set_defaults(func=_run)

@@ -30,6 +30,8 @@ SUBCOMMAND_MODULES = {
     "plot-summary": "report",
     "plot-composites": "report",
     "bench": "bench",
+    "plan": "plan",
+    "why": "why",
 }
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 import sys
@@ -246,3 +247,56 @@ def report_outputs():
         "results/plots/plates.png",
         "results/plots/composites.png",
     ] + [f"results/plots/training_round{r}.png" for r in ROUNDS]
+
+
+# ---------------------------------------------------------------- cost forecast (deepnoise plan)
+# `deepnoise plan` runs `snakemake -n` with DEEPNOISE_PLAN_FACTS set: the screen as this Snakefile
+# sees it goes to that file, so the forecast counts the workflow's own experiments, split and keys.
+def plan_facts():
+    return {
+        "experiments": [[e.experiment, e.cell_type, e.dataset] for e in EXPERIMENTS],
+        "val_experiments": VAL_EXPERIMENTS,
+        "cell_types": CELL_TYPES,
+        "hparams": {m: json.loads(hparams_json(m)) for m in MODELS},
+        "finetune_hparams": {
+            m: json.loads(hparams_json(m, finetune=True)) for m in MODELS
+        },
+        "source": SOURCE,
+        "root": DATA_ROOT,
+        "synthetic": config["synthetic"],
+        "config": config,
+    }
+
+
+if os.environ.get("DEEPNOISE_PLAN_FACTS"):
+    Path(os.environ["DEEPNOISE_PLAN_FACTS"]).write_text(json.dumps(plan_facts()))
+
+
+def forecast_runtime(rule_name):
+    """Slurm time limit (minutes) of a GPU job: its forecast on DEEPNOISE_PLAN_DEVICE (default: the
+    throughput table's H100 row) x DEEPNOISE_PLAN_MARGIN (default 1.5) x attempt."""
+    from deepnoise import plan
+
+    device = os.environ.get("DEEPNOISE_PLAN_DEVICE", plan.DEFAULT_DEVICE)
+    margin = float(os.environ.get("DEEPNOISE_PLAN_MARGIN", "1.5"))
+
+    def runtime(wildcards, attempt):
+        if "table" not in _PLAN_CACHE:
+            _PLAN_CACHE["table"] = plan.read_table()
+        cost = plan.job_cost(
+            _plan_screen(), _PLAN_CACHE["table"], device, rule_name, dict(wildcards)
+        )
+        return plan.runtime_minutes(cost.seconds, margin, attempt)
+
+    return runtime
+
+
+def _plan_screen():
+    from deepnoise import plan
+
+    if "screen" not in _PLAN_CACHE:
+        _PLAN_CACHE["screen"] = plan.screen_from_facts(plan_facts())
+    return _PLAN_CACHE["screen"]
+
+
+_PLAN_CACHE = {}

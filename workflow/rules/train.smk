@@ -15,9 +15,13 @@ rule train:
         log_csv="results/round{round}/models/{model}/all/log.csv",
     log:
         "logs/round{round}/train/{model}.log",
+    benchmark:
+        "logs/benchmarks/round{round}/train/{model}.tsv"
     conda:
         CONDA_ENV
     threads: threads_of("train")
+    resources:
+        runtime=forecast_runtime("train"),
     params:
         hparams=lambda wc: hparams_json(wc.model),
         val=VAL_EXPERIMENTS,
@@ -45,9 +49,13 @@ rule finetune:
         log_csv="results/round{round}/models/{model}/{cell_type}/log.csv",
     log:
         "logs/round{round}/finetune/{model}_{cell_type}.log",
+    benchmark:
+        "logs/benchmarks/round{round}/finetune/{model}_{cell_type}.tsv"
     conda:
         CONDA_ENV
     threads: threads_of("train")
+    resources:
+        runtime=forecast_runtime("finetune"),
     params:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=VAL_EXPERIMENTS,
@@ -72,9 +80,13 @@ rule predict:
         "results/round{round}/predictions/{model}/{cell_type}.npz",
     log:
         "logs/round{round}/predict/{model}_{cell_type}.log",
+    benchmark:
+        "logs/benchmarks/round{round}/predict/{model}_{cell_type}.tsv"
     conda:
         CONDA_ENV
     threads: threads_of("predict")
+    resources:
+        runtime=forecast_runtime("predict"),
     params:
         experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
