@@ -30,6 +30,9 @@ SUBCOMMAND_MODULES = {
     "plot-summary": "report",
     "plot-composites": "report",
     "bench": "bench",
+    "dag-html": "dag",
+    "dag-rules": "dag",
+    "dag-slice": "dag",
 }
 
 
