@@ -29,6 +29,8 @@ SUBCOMMAND_MODULES = {
     "plot-training": "report",
     "plot-summary": "report",
     "plot-composites": "report",
+    "report-table": "report",
+    "report-provenance": "report",
     "bench": "bench",
     "dag-html": "dag",
     "dag-rules": "dag",
