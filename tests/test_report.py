@@ -1,4 +1,6 @@
 import json
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -217,3 +219,110 @@ def test_percentile_stretch_fills_the_range():
     img[0] = rng.integers(0, 21, (64, 64))
     assert to_rgb(img, "percentile").max() == CHANNEL_RGB[0].max()
     assert to_rgb(img, "rxrx1").max() < CHANNEL_RGB[0].max() / 2
+
+
+# ---------------------------------------------------------------- the real report of a tiny run
+
+
+@pytest.fixture(scope="module")
+def report_html(tmp_path_factory):
+    """A real tiny run (one cell type, one round; r18 without mean teacher) and its report."""
+    from workflow_utils import load_tiny, snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("reportrun")
+    cfg = load_tiny(cell_types=["HUVEC"], rounds=1, **{"models.r18.mean_teacher": False})
+    configfile = write_config(workdir, cfg)
+    snakemake(workdir, "--cores", "2", "--configfile", str(configfile))
+    snakemake(workdir, "--cores", "1", "--configfile", str(configfile), "--report", "report.html")
+    return workdir, cfg
+
+
+@pytest.mark.slow
+def test_report_html_carries_table_and_provenance(report_html):
+    workdir, cfg = report_html
+    page = (workdir / "report.html").read_text(errors="replace")
+    for name in ("training_round0.png", "accuracy.png", "plates.png", "composites.png", "accuracy.html",
+                 "provenance.html", "summary.tsv"):  # fmt: skip
+        assert name in page, name
+    # the accuracy table is in the page (a caption), with every accuracy of the summary
+    assert "deepnoise-accuracy" in page
+    summary = pd.read_csv(workdir / "results/summary.tsv", sep="\t")
+    for v in summary["accuracy"]:
+        assert f"{v:.3f}" in page
+    # provenance: commit of this checkout, versions, the config as given
+    assert "deepnoise-commit" in page and "deepnoise-versions" in page
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert head and head in page
+    prov = (workdir / "results/report/provenance.html").read_text()
+    assert "mean_teacher: false" in prov and "HUVEC" in prov
+    # the model without mean teacher logged NaN teacher accuracies, and the curves still drew
+    log = pd.read_csv(workdir / "results/round0/models/r18/all/log.csv")
+    assert log["val_acc_teacher"].isna().all() and log["val_acc_student"].notna().all()
+
+
+def report_screenshots(report: Path, outdir: Path) -> dict[str, Path]:
+    """Open a Snakemake report in headless Chromium; for every category under Results, every item:
+    its view and its caption, one screenshot each (``{category}-{file}-view|caption.png``). Returns
+    the screenshots and fails when the accuracy table or the provenance is not visible in a caption."""
+    from selenium.webdriver.common.by import By
+    from test_dag_html import _chrome
+
+    driver = _chrome()
+    shots = {}
+    seen_captions = set()
+    try:
+        driver.get(report.as_uri())
+        time.sleep(2)
+
+        def open_results():
+            driver.find_element(By.LINK_TEXT, "Results").click()
+            time.sleep(0.5)
+
+        open_results()
+        categories = [
+            a.text.strip() for a in driver.find_elements(By.CSS_SELECTOR, "nav a") if a.text.strip()
+        ]
+        categories = [c for c in categories if c not in ("Results", "Workflow", "Statistics", "About")]
+        assert {"Training", "Accuracy", "Images", "Provenance"} <= set(categories), categories
+        for category in categories:
+            open_results()
+            driver.find_element(By.LINK_TEXT, category).click()
+            time.sleep(0.5)
+            files = [
+                td.text.strip() for td in driver.find_elements(By.CSS_SELECTOR, "nav td") if "/" in td.text
+            ]
+            for name in files:
+                for kind, index in (("view", 0), ("caption", 1)):
+                    open_results()
+                    driver.find_element(By.LINK_TEXT, category).click()
+                    time.sleep(0.3)
+                    cell = driver.find_element(By.XPATH, f"//nav//td[normalize-space(text())='{name}']")
+                    icons = cell.find_element(By.XPATH, "./ancestor::tr").find_elements(By.CSS_SELECTOR, "a")
+                    icons[index].click()
+                    time.sleep(1)
+                    shot = outdir / f"{category}-{Path(name).name}-{kind}.png".replace(" ", "_")
+                    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 5000
+                    shots[shot.name] = shot
+                    if kind == "caption":
+                        for css in (
+                            "table.deepnoise-accuracy",
+                            "code.deepnoise-commit",
+                            "pre.deepnoise-config",
+                        ):
+                            if any(e.is_displayed() for e in driver.find_elements(By.CSS_SELECTOR, css)):
+                                seen_captions.add(css)
+        assert seen_captions == {"table.deepnoise-accuracy", "code.deepnoise-commit", "pre.deepnoise-config"}
+    finally:
+        driver.quit()
+    return shots
+
+
+@pytest.mark.slow
+def test_report_in_chromium(report_html, tmp_path):
+    workdir, _ = report_html
+    shots = report_screenshots(workdir / "report.html", tmp_path)
+    assert any(name.startswith("Training-training_round0.png") for name in shots)
+    assert any(name.startswith("Accuracy-accuracy.html-caption") for name in shots)
