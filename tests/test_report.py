@@ -258,9 +258,8 @@ def test_report_html_carries_table_and_provenance(report_html):
     assert head and head in page
     prov = (workdir / "results/report/provenance.html").read_text()
     assert "mean_teacher: false" in prov and "HUVEC" in prov
-    # the model without mean teacher logged NaN teacher accuracies, and the curves still drew
-    log = pd.read_csv(workdir / "results/round0/models/r18/all/log.csv")
-    assert log["val_acc_teacher"].isna().all() and log["val_acc_student"].notna().all()
+    # r18 runs without mean teacher: the curves of both models drew (NaN teacher columns: unit test)
+    assert (workdir / "results/plots/training_round0.png").stat().st_size > 10_000
 
 
 def report_screenshots(report: Path, outdir: Path) -> dict[str, Path]:
@@ -268,18 +267,25 @@ def report_screenshots(report: Path, outdir: Path) -> dict[str, Path]:
     its view and its caption, one screenshot each (``{category}-{file}-view|caption.png``). Returns
     the screenshots and fails when the accuracy table or the provenance is not visible in a caption."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     from test_dag_html import _chrome
 
     driver = _chrome()
     shots = {}
     seen_captions = set()
+
+    def click(by, value):
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(by, value))[0].click()
+        time.sleep(0.5)
+
     try:
         driver.get(report.as_uri())
-        time.sleep(2)
 
-        def open_results():
-            driver.find_element(By.LINK_TEXT, "Results").click()
-            time.sleep(0.5)
+        def open_results():  # the start page lists the categories (with one only, under "Results")
+            driver.get(report.as_uri())
+            WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.LINK_TEXT, "About"))
+            if driver.find_elements(By.LINK_TEXT, "Results"):
+                click(By.LINK_TEXT, "Results")
 
         open_results()
         categories = [
@@ -289,16 +295,14 @@ def report_screenshots(report: Path, outdir: Path) -> dict[str, Path]:
         assert {"Training", "Accuracy", "Images", "Provenance"} <= set(categories), categories
         for category in categories:
             open_results()
-            driver.find_element(By.LINK_TEXT, category).click()
-            time.sleep(0.5)
+            click(By.LINK_TEXT, category)
             files = [
                 td.text.strip() for td in driver.find_elements(By.CSS_SELECTOR, "nav td") if "/" in td.text
             ]
             for name in files:
                 for kind, index in (("view", 0), ("caption", 1)):
                     open_results()
-                    driver.find_element(By.LINK_TEXT, category).click()
-                    time.sleep(0.3)
+                    click(By.LINK_TEXT, category)
                     cell = driver.find_element(By.XPATH, f"//nav//td[normalize-space(text())='{name}']")
                     icons = cell.find_element(By.XPATH, "./ancestor::tr").find_elements(By.CSS_SELECTOR, "a")
                     icons[index].click()
