@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SHELL       := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: setup demo test test-fast lint format dryrun plan why dag rulegraph report bench ablation clean
+.PHONY: setup demo test test-fast lint format dryrun plan why dag dag-rxrx1 rulegraph report bench ablation clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" || { echo "need CPython 3.11 (the pinned torch 2.14.1 wheels); set PYTHON=..."; exit 1; }
@@ -43,7 +43,14 @@ format: setup
 	ruff check --fix scripts tests benchmarks
 	snakefmt workflow
 
-## dryrun / dag / rulegraph: what would run, as text and as SVG pictures (needs graphviz: apt-get install graphviz)
+## dryrun / dag / rulegraph: what would run (needs graphviz: apt-get install graphviz). `make dag` writes
+## $(DAGDIR)/rules.svg (rule graph with job counts), slice.svg (the jobs of SLICE, all wildcards named)
+## and jobs.html (the whole plan: zoom, search, collapse; opens offline). See docs/dag.md.
+DAGDIR  ?= dag
+SLICE   ?= --round 0
+DAGOPTS ?=
+DAGTITLE ?= $(CONFIG)
+DAGSMK   = snakemake all --configfile $(CONFIG) $(DAGOPTS)
 dryrun: setup
 	$(SMK) -n
 
@@ -57,11 +64,30 @@ plan: setup
 why: setup
 	deepnoise why --configfile $(CONFIG)
 dag: setup
-	mkdir -p dag
-	snakemake all --dag --configfile $(CONFIG) | dot -Tsvg > dag/jobs.svg
-	snakemake all --rulegraph --configfile $(CONFIG) | dot -Tsvg > dag/rules.svg
-	@echo "wrote dag/jobs.svg dag/rules.svg"
+	mkdir -p $(DAGDIR)
+	$(DAGSMK) --dag > $(DAGDIR)/jobs.dot
+	$(DAGSMK) -n > $(DAGDIR)/dryrun.txt 2>&1
+	$(DAGSMK) --rulegraph > $(DAGDIR)/rulegraph.dot
+	deepnoise dag-rules --dot $(DAGDIR)/jobs.dot --dry-run $(DAGDIR)/dryrun.txt --rulegraph $(DAGDIR)/rulegraph.dot --out $(DAGDIR)/rules.dot
+	dot -Tsvg $(DAGDIR)/rules.dot > $(DAGDIR)/rules.svg
+	deepnoise dag-slice --dot $(DAGDIR)/jobs.dot --dry-run $(DAGDIR)/dryrun.txt $(SLICE) --out $(DAGDIR)/slice.dot
+	dot -Tsvg $(DAGDIR)/slice.dot > $(DAGDIR)/slice.svg
+	deepnoise dag-html --dot $(DAGDIR)/jobs.dot --dry-run $(DAGDIR)/dryrun.txt --title "$(DAGTITLE)" --out $(DAGDIR)/jobs.html
+	@echo "wrote $(DAGDIR)/rules.svg $(DAGDIR)/slice.svg $(DAGDIR)/jobs.html"
 rulegraph: dag
+
+## dag-rxrx1: `make dag` for config/rxrx1.yaml on a fake RxRx1 metadata.csv (no images), in dag/rxrx1/,
+## and docs/dag-rxrx1.png, a headless-Chromium screenshot of its jobs.html
+RX1 = $(CURDIR)/dag/rxrx1
+CHROMIUM ?= chromium
+dag-rxrx1: setup
+	mkdir -p $(RX1)/data $(RX1)/work
+	python benchmarks/rxrx1_metadata.py --out $(RX1)/data/metadata.csv
+	python -c "import yaml; c = yaml.safe_load(open('config/rxrx1.yaml')); c['data']['root'] = '$(RX1)/data'; yaml.safe_dump(c, open('$(RX1)/config.yaml', 'w'))"
+	$(MAKE) dag CONFIG=$(RX1)/config.yaml DAGDIR=$(RX1) DAGOPTS="--directory $(RX1)/work" DAGTITLE="config/rxrx1.yaml, fake RxRx1 metadata" SLICE="--round 0 --model xception --cell-type HUVEC"
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	  --disable-sync --no-first-run --user-data-dir=$$(mktemp -d) --window-size=1600,1000 --virtual-time-budget=30000 \
+	  --screenshot=docs/dag-rxrx1.png file://$(RX1)/jobs.html
 
 ## report: the Snakemake HTML report of a finished run
 report: setup

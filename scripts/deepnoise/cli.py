@@ -29,9 +29,14 @@ SUBCOMMAND_MODULES = {
     "plot-training": "report",
     "plot-summary": "report",
     "plot-composites": "report",
+    "report-table": "report",
+    "report-provenance": "report",
     "bench": "bench",
     "plan": "plan",
     "why": "why",
+    "dag-html": "dag",
+    "dag-rules": "dag",
+    "dag-slice": "dag",
 }
 
 

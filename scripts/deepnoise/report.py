@@ -5,13 +5,15 @@
 - ``plot-summary``: from ``summary.tsv`` (``--kind accuracy``: accuracy per stage and round;
   ``--kind balancing``: ensemble vs balanced ensemble per round and cell type) or from a metrics
   JSON (``--kind plates``: per-plate accuracy heat map of one stage).
-- ``plot-composites``: RGB composites of a few sites of an HDF5 plate stack, with the rxrx1-utils
+- ``plot-composites``: RGB composites of a few sites of HDF5 plate stacks (a row each), with the rxrx1-utils
   channel colours.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -59,42 +61,86 @@ def _read_table(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def _log_parts(path: str | os.PathLike) -> tuple[str, str]:
+    """``results/round0/models/resnet/all/log.csv`` -> ``("resnet", "all")``."""
+    parts = Path(path).parts
+    if len(parts) >= 3:
+        return parts[-3], parts[-2]
+    return Path(path).stem, ""
+
+
 def _log_label(path: str | os.PathLike) -> str:
-    """``results/round0/models/resnet/all/log.csv`` -> ``round0/resnet/all``."""
-    parts = Path(path).parts[:-1]
-    keep = [p for p in parts[-4:] if p not in ("models", "results")]
-    return "/".join(keep) or Path(path).stem
+    """``results/round0/models/resnet/all/log.csv`` -> ``resnet / all``."""
+    model, scope = _log_parts(path)
+    return f"{model} / {scope}" if scope else model
+
+
+ACC_SERIES = (("val_acc_student", "student", "-"), ("val_acc_teacher", "teacher", "--"))
 
 
 def plot_training(logs: Sequence[str], out: str | os.PathLike, labels: Sequence[str] | None = None) -> None:
+    """Small multiples: one panel per log (model x scope; rows: models, columns: scopes), with the
+    student's and the teacher's validation accuracy (left axis, 0-1) and the training loss (right
+    axis). A series that is all NaN (no teacher without mean teacher, no validation split) is left
+    out and the panel says so."""
     plt = _pyplot()
-    labels = list(labels) if labels else [_log_label(p) for p in logs]
-    if len(labels) != len(logs):
-        raise InputError(f"{len(labels)} labels for {len(logs)} logs")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for path, label in zip(logs, labels, strict=True):
+    keys = [_log_parts(p) for p in logs]
+    if labels:
+        labels = list(labels)
+        if len(labels) != len(logs):
+            raise InputError(f"{len(labels)} labels for {len(logs)} logs")
+        keys = [(lab, "") for lab in labels]
+    models = list(dict.fromkeys(k[0] for k in keys))
+    scopes = list(dict.fromkeys(k[1] for k in keys))
+    nrows, ncols = max(len(models), 1), max(len(scopes), 1)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.2 * ncols + 0.6, 2.5 * nrows + 0.8), squeeze=False, sharex=True
+    )
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    handles = {}
+    for path, (model, scope) in zip(logs, keys, strict=True):
+        ax = axes[models.index(model), scopes.index(scope)]
+        ax.set_visible(True)
+        ax.set_title(f"{model} / {scope}" if scope else model, fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
         df = _read_table(path)
         if df.empty:
             log.warning("%s: empty training log", path)
+            ax.text(0.5, 0.5, "empty log", ha="center", va="center", transform=ax.transAxes)
             continue
-        x = df["epoch"] if "epoch" in df.columns else np.arange(1, len(df) + 1)
-        for col in df.columns:
-            name = str(col).lower()
-            y = pd.to_numeric(df[col], errors="coerce")
+        x = pd.to_numeric(df["epoch"], errors="coerce") if "epoch" in df else np.arange(1, len(df) + 1)
+        missing = []
+        for col, name, style in ACC_SERIES:
+            y = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
             if y.isna().all():
+                missing.append(name)
                 continue
-            if "loss" in name:
-                ax_loss.plot(x, y, marker=".", label=f"{label} {col}")
-            elif "acc" in name:
-                ax_acc.plot(x, y, marker=".", label=f"{label} {col}")
-    for ax, title in ((ax_loss, "losses"), (ax_acc, "validation accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            (h,) = ax.plot(x, y, style, marker=".", color="C0" if name == "student" else "C1")
+            handles[f"val. accuracy, {name}"] = h
+        if "loss" in df:
+            loss = pd.to_numeric(df["loss"], errors="coerce")
+            if not loss.isna().all():
+                ax2 = ax.twinx()
+                (h,) = ax2.plot(x, loss, ":", color="0.35")
+                ax2.tick_params(labelsize=7, colors="0.35")
+                handles["training loss (right axis)"] = h
+        if missing:
+            ax.text(
+                0.98, 0.04, "no " + " / ".join(missing), ha="right", va="bottom", fontsize=7,
+                transform=ax.transAxes, color="0.4",
+            )  # fmt: skip
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy", fontsize=8)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.5 * nrows + 0.8)))
+    else:
+        fig.text(0.5, 0.5, "no data", ha="center", va="center")
     _save(fig, out)
 
 
@@ -155,35 +201,61 @@ def plot_summary(summary: str | os.PathLike, out: str | os.PathLike, kind: str =
     _save(fig, out)
 
 
-def plot_plates(metrics_path: str | os.PathLike, out: str | os.PathLike, stage: str | None = None) -> None:
-    """Heat map experiment x plate of one stage's accuracy (default: balanced, else the last stage)."""
+def plot_plates(
+    metrics_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    stage: str | None = None,
+) -> None:
+    """Heat maps experiment x plate of one stage's accuracy (default: balanced, else the last stage):
+    one row per round (one metrics JSON each), one column per split."""
     from deepnoise.evaluate import load_metrics
 
     plt = _pyplot()
-    m = load_metrics(metrics_path)
-    stages = {s["stage"]: s for s in m["stages"]}
-    if not stages:
-        raise InputError(f"{metrics_path}: no stages")
-    if stage is None:
-        stage = "balanced" if "balanced" in stages else list(stages)[-1]
-    if stage not in stages:
-        raise InputError(f"{metrics_path}: no stage {stage!r} (has {sorted(stages)})")
-    splits = stages[stage]["splits"]
-    fig, axes = plt.subplots(
-        1, max(len(splits), 1), figsize=(5 * max(len(splits), 1), 1.5 + 0.35 * 8), squeeze=False
+    paths = [metrics_paths] if isinstance(metrics_paths, str | os.PathLike) else list(metrics_paths)
+    rounds = []
+    for path in paths:
+        m = load_metrics(path)
+        stages = {s["stage"]: s for s in m["stages"]}
+        if not stages:
+            raise InputError(f"{path}: no stages")
+        st = stage or ("balanced" if "balanced" in stages else list(stages)[-1])
+        if st not in stages:
+            raise InputError(f"{path}: no stage {st!r} (has {sorted(stages)})")
+        rounds.append((m["round"], st, stages[st]["splits"]))
+    splits = list(dict.fromkeys(sp for _, _, s in rounds for sp in s))
+    n_exp = max(
+        (len({p["experiment"] for p in s[sp]["plates"]}) for _, _, s in rounds for sp in s), default=1
     )
-    if not splits:
+    ncols, nrows = max(len(splits), 1), max(len(rounds), 1)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.2 * ncols + 1, (0.8 + 0.3 * n_exp) * nrows + 0.6), squeeze=False
+    )
+    im = None
+    for r, (round_, st, split_map) in enumerate(rounds):
+        for c, split in enumerate(splits):
+            ax = axes[r, c]
+            ax.set_title(f"round {round_} {st}: {split}", fontsize=9)
+            if split not in split_map or not split_map[split]["plates"]:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes)
+                continue
+            t = pd.DataFrame(split_map[split]["plates"]).pivot_table(
+                index="experiment", columns="plate", values="accuracy"
+            )
+            im = ax.imshow(t.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(t.columns)), [f"P{p}" for p in t.columns], fontsize=7)
+            ax.set_yticks(range(len(t.index)), list(t.index), fontsize=7)
+            for (i, j), v in np.ndenumerate(t.to_numpy(float)):
+                if np.isfinite(v):
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k"
+                    )
+    if im is not None:
+        fig.tight_layout(rect=(0, 0, 0.9, 1))
+        cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+        fig.colorbar(im, cax=cax, label="accuracy")
+    elif not rounds:
         axes[0, 0].text(0.5, 0.5, "no scored predictions", ha="center", va="center")
-    for ax, (split, s) in zip(axes[0], splits.items(), strict=False):
-        t = pd.DataFrame(s["plates"]).pivot_table(index="experiment", columns="plate", values="accuracy")
-        im = ax.imshow(t.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(t.columns)), [f"P{c}" for c in t.columns])
-        ax.set_yticks(range(len(t.index)), list(t.index))
-        for (i, j), v in np.ndenumerate(t.to_numpy(float)):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
-        ax.set_title(f"round {m['round']} {stage}: {split}")
-        fig.colorbar(im, ax=ax, fraction=0.05)
     _save(fig, out)
 
 
@@ -209,13 +281,9 @@ def to_rgb(image: np.ndarray, scale: str = "rxrx1") -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def plot_composites(
-    stack: str | os.PathLike, out: str | os.PathLike, n: int = 4, scale: str = "rxrx1"
-) -> None:
-    """``n`` sites spread evenly over the stack, as RGB composites titled with well, site and siRNA."""
+def _read_sites(stack: str | os.PathLike, n: int) -> tuple[np.ndarray, dict, str]:
     import h5py
 
-    plt = _pyplot()
     try:
         with h5py.File(stack, "r") as h5:
             if "images" not in h5:
@@ -229,21 +297,139 @@ def plot_composites(
             title = f"{h5.attrs.get('experiment', '')} plate {h5.attrs.get('plate', '')}".strip()
     except OSError as exc:
         raise InputError(f"{stack}: cannot read HDF5 stack ({exc})") from exc
-    cols = min(len(idx), 4)
-    rows = int(np.ceil(len(idx) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    return images, meta, title or str(stack)
+
+
+def plot_composites(
+    stacks: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    n: int = 4,
+    scale: str = "percentile",
+) -> None:
+    """One row per stack (the workflow gives one plate of each cell type): ``n`` sites spread evenly
+    over it, as RGB composites titled with well, site and siRNA."""
+    plt = _pyplot()
+    stacks = [stacks] if isinstance(stacks, str | os.PathLike) else list(stacks)
+    rows = [_read_sites(s, n) for s in stacks]
+    cols = max(len(images) for images, _, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.9 * len(rows)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for k, ax in enumerate(axes.ravel()[: len(idx)]):
-        ax.imshow(to_rgb(images[k], scale))
-        parts = []
-        for key, fmt in (("well_id", "{}"), ("site", "s{}"), ("sirna_id", "siRNA {}")):
-            if key in meta:
-                v = meta[key][k]
-                parts.append(fmt.format(v.decode() if isinstance(v, bytes) else v))
-        ax.set_title(" ".join(parts), fontsize=8)
-    fig.suptitle(title or str(stack), fontsize=10)
+    for r, (images, meta, title) in enumerate(rows):
+        for k in range(len(images)):
+            ax = axes[r, k]
+            ax.imshow(to_rgb(images[k], scale))
+            parts = [title] if k == 0 else []
+            for key, fmt in (("well_id", "{}"), ("site", "s{}"), ("sirna_id", "siRNA {}")):
+                if key in meta:
+                    v = meta[key][k]
+                    parts.append(fmt.format(v.decode() if isinstance(v, bytes) else v))
+            ax.set_title(
+                "\n".join([parts[0], " ".join(parts[1:])]) if k == 0 else " ".join(parts), fontsize=7
+            )
+    fig.tight_layout()
     _save(fig, out)
+
+
+def accuracy_table(summary: str | os.PathLike, out: str | os.PathLike) -> None:
+    """``summary.tsv`` as one HTML table: a row per round and stage, a column per split and cell
+    type (``all`` first), accuracies with 3 decimals and the best of each column in bold."""
+    df = _read_summary(summary)
+    if df.empty:
+        body = "<p>no scored predictions</p>"
+    else:
+        t = df.pivot_table(
+            index=["round", "stage"], columns=["split", "cell_type"], values="accuracy", sort=False
+        )
+        order = sorted(
+            t.columns, key=lambda c: (list(dict.fromkeys(df["split"])).index(c[0]), c[1] != "all", c[1])
+        )
+        t = t[order]
+        best = t.max()
+        head1 = "".join(
+            f'<th colspan="{sum(1 for c in order if c[0] == sp)}">{html.escape(str(sp))}</th>'
+            for sp in dict.fromkeys(c[0] for c in order)
+        )
+        head2 = "".join(f"<th>{html.escape(str(ct))}</th>" for _, ct in order)
+        rows = []
+        for (round_, stage), vals in t.iterrows():
+            cells = []
+            for col in order:
+                v = vals[col]
+                text = "" if pd.isna(v) else f"{v:.3f}"
+                cells.append(f"<td><b>{text}</b></td>" if text and v == best[col] else f"<td>{text}</td>")
+            rows.append(f"<tr><td>{round_}</td><td>{html.escape(str(stage))}</td>{''.join(cells)}</tr>")
+        body = (
+            '<table class="deepnoise-accuracy" border="1" '
+            'style="border-collapse: collapse; text-align: right">'
+            f'<thead><tr><th rowspan="2">round</th><th rowspan="2">stage</th>{head1}</tr>'
+            f"<tr>{head2}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(body + "\n")
+
+
+# distributions whose versions the provenance names (the ones absent are left out)
+PROVENANCE_PACKAGES = (
+    "deepnoise", "snakemake", "torch", "torchvision", "timm", "numpy", "pandas", "h5py", "scikit-learn",
+    "scipy", "matplotlib", "pillow", "pyyaml",
+)  # fmt: skip
+
+
+def _git(repo: str | os.PathLike, *args: str) -> str | None:
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance(config_json: str, repo: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """The run's config (as the workflow got it), the git commit of ``repo`` (``+ local changes``
+    when the work tree differs) and the versions of Python and the main packages, as an HTML
+    fragment; returns the same as a dict."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    import yaml
+
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--config-json is not JSON ({exc})") from exc
+    commit = _git(repo, "rev-parse", "HEAD")
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    info = {
+        "commit": commit or "unknown (not a git checkout)",
+        "local_changes": bool(dirty),
+        "repository": str(repo),
+        "versions": versions,
+        "config": config,
+    }
+    commit_text = info["commit"] + (" + local changes" if dirty else "")
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in versions.items()
+    )
+    text = (
+        f'<p><b>commit</b> <code class="deepnoise-commit">{html.escape(commit_text)}</code>'
+        f" ({html.escape(str(repo))})</p>"
+        f'<table class="deepnoise-versions" border="1" style="border-collapse: collapse">'
+        f"<thead><tr><th>package</th><th>version</th></tr></thead><tbody>{rows}</tbody></table>"
+        f'<p><b>config</b></p><pre class="deepnoise-config">'
+        f"{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>\n"
+    )
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(text)
+    return info
 
 
 def _run_training(args: argparse.Namespace) -> int:
@@ -268,6 +454,16 @@ def _run_composites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_table(args: argparse.Namespace) -> int:
+    accuracy_table(args.summary, args.out)
+    return 0
+
+
+def _run_provenance(args: argparse.Namespace) -> int:
+    provenance(args.config_json, args.repo, args.out)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot-training", help="training curves from log CSVs")
     p.add_argument("--logs", nargs="+", required=True, help="training log.csv files")
@@ -278,14 +474,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot-summary", help="accuracy / balancing / per-plate figures")
     p.add_argument("--kind", choices=SUMMARY_KINDS, default="accuracy")
     p.add_argument("--summary", help="summary.tsv (kinds accuracy, balancing)")
-    p.add_argument("--metrics", help="metrics JSON of one round (kind plates)")
+    p.add_argument("--metrics", nargs="+", help="metrics JSON of each round (kind plates)")
     p.add_argument("--stage", help="kind plates: stage to show (default balanced)")
     p.add_argument("--out", required=True, help="PNG")
     p.set_defaults(func=_run_summary)
 
     p = subparsers.add_parser("plot-composites", help="RGB composites of sites of a plate stack")
-    p.add_argument("--stack", required=True, help="HDF5 plate stack")
-    p.add_argument("--n", type=int, default=4, help="number of sites")
-    p.add_argument("--scale", choices=("rxrx1", "percentile"), default="rxrx1")
+    p.add_argument("--stack", nargs="+", required=True, help="HDF5 plate stacks, one row each")
+    p.add_argument("--n", type=int, default=4, help="number of sites per stack")
+    p.add_argument(
+        "--scale",
+        choices=("rxrx1", "percentile"),
+        default="percentile",
+        help="percentile: each channel stretched between its 0.5 and 99.8 percentiles; rxrx1: fixed ranges",
+    )
     p.add_argument("--out", required=True, help="PNG")
     p.set_defaults(func=_run_composites)
+
+    p = subparsers.add_parser("report-table", help="summary.tsv as an HTML accuracy table")
+    p.add_argument("--summary", required=True)
+    p.add_argument("--out", required=True, help="HTML fragment")
+    p.set_defaults(func=_run_table)
+
+    p = subparsers.add_parser("report-provenance", help="config, git commit and package versions as HTML")
+    p.add_argument("--config-json", required=True, help="the workflow's config as JSON")
+    p.add_argument("--repo", required=True, help="directory inside the git checkout of the workflow")
+    p.add_argument("--out", required=True, help="HTML fragment")
+    p.set_defaults(func=_run_provenance)

@@ -246,6 +246,8 @@ def report_outputs():
         "results/plots/balancing.png",
         "results/plots/plates.png",
         "results/plots/composites.png",
+        "results/report/accuracy.html",
+        "results/report/provenance.html",
     ] + [f"results/plots/training_round{r}.png" for r in ROUNDS]
 
 

@@ -1,4 +1,4 @@
-# Figures for `snakemake --report report.html`.
+# Figures, tables and provenance for `snakemake --report report.html`.
 
 
 rule plot_training:
@@ -42,9 +42,27 @@ rule plot_accuracy:
         " --out {output:q} > {log:q} 2>&1"
 
 
+# The table is shown in the report page itself: its caption inlines the HTML file (raw :file:).
+rule accuracy_table:
+    input:
+        SUMMARY,
+    output:
+        report(
+            "results/report/accuracy.html",
+            caption="../report/accuracy_table.rst",
+            category="Accuracy",
+        ),
+    log:
+        "logs/report/accuracy_table.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m deepnoise report-table --summary {input:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule plot_plates:
     input:
-        metrics(LAST_ROUND),
+        [metrics(r) for r in ROUNDS],
     output:
         report(
             "results/plots/plates.png",
@@ -62,7 +80,11 @@ rule plot_plates:
 
 rule plot_composites:
     input:
-        stack_path(EXPERIMENTS[0].experiment, 1),
+        # plate 1 of the first experiment of each cell type
+        [
+            stack_path(next(e for e in EXPERIMENTS if e.cell_type == ct).experiment, 1)
+            for ct in CELL_TYPES
+        ],
     output:
         report(
             "results/plots/composites.png",
@@ -75,8 +97,31 @@ rule plot_composites:
         CONDA_ENV
     params:
         n=int(config["report"]["composites"]),
-        # rxrx1-utils' fixed intensity ranges fit real images; the synthetic ones need per-image ranges
-        scale="percentile" if SOURCE == "synthetic" else "rxrx1",
+        # each channel stretched between its 0.5 and 99.8 percentiles: real and synthetic images alike
+        scale="percentile",
     shell:
         "python -m deepnoise plot-composites --stack {input:q} --n {params.n:q} --scale {params.scale:q}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+# Which config, commit and package versions produced the run. After the summary, so that a rerun
+# of the results writes it again.
+rule provenance:
+    input:
+        SUMMARY,
+    output:
+        report(
+            "results/report/provenance.html",
+            caption="../report/provenance.rst",
+            category="Provenance",
+        ),
+    log:
+        "logs/report/provenance.log",
+    conda:
+        CONDA_ENV
+    params:
+        config=json.dumps(config, sort_keys=True, default=str),
+        repo=workflow.basedir,
+    shell:
+        "python -m deepnoise report-provenance --config-json {params.config:q} --repo {params.repo:q}"
         " --out {output:q} > {log:q} 2>&1"
