@@ -17,6 +17,7 @@ SHELL_PREFIX = f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; "
 shell.prefix(SHELL_PREFIX)
 
 from deepnoise import configcheck, hparams as training_keys, layout, split  # noqa: E402
+from deepnoise import metadata as md  # noqa: E402
 
 # Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
 # data folder) in one message naming the keys and the allowed values, before any job starts. One
@@ -270,8 +271,9 @@ def plan_facts():
     }
 
 
-if os.environ.get("DEEPNOISE_PLAN_FACTS"):
-    Path(os.environ["DEEPNOISE_PLAN_FACTS"]).write_text(json.dumps(plan_facts()))
+_PLAN_FACTS = os.environ.get("DEEPNOISE_PLAN_FACTS")
+if _PLAN_FACTS:
+    Path(_PLAN_FACTS).write_text(json.dumps(plan_facts()))
 
 
 def forecast_runtime(rule_name):
@@ -302,3 +304,15 @@ def _plan_screen():
 
 
 _PLAN_CACHE = {}
+
+
+def png_fingerprint(wildcards):
+    """The plate folder's PNGs (names, sizes, mtimes): a changed, added or deleted PNG changes this
+    param and reruns exactly that plate's stack. The synthetic screen's PNGs are the `synthesize`
+    output, already upstream of every stack."""
+    if SOURCE == "synthetic":
+        return ""
+    e = EXP[wildcards.experiment]
+    return md.png_fingerprint(
+        md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
+    )

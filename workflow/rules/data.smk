@@ -1,19 +1,5 @@
 # Ingestion: synthetic screen (optional) -> site table -> plate stacks -> statistics.
 
-from deepnoise import metadata as md
-
-
-def png_fingerprint(wildcards):
-    """The plate folder's PNGs (names, sizes, mtimes): a changed, added or deleted PNG changes this
-    param and reruns exactly that plate's stack. The synthetic screen's PNGs are the `synthesize`
-    output, already upstream of every stack."""
-    if SOURCE == "synthetic":
-        return ""
-    e = EXP[wildcards.experiment]
-    return md.png_fingerprint(
-        md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
-    )
-
 
 rule synthesize:
     output:
