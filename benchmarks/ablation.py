@@ -303,7 +303,8 @@ def write_config(workdir: Path, cfg: dict) -> None:
 
 def copy_workdir(src: Path, dst: Path, drop_rounds_from: int | None = None) -> None:
     """Copy ``src`` to ``dst`` once (timestamps and .snakemake metadata kept, so nothing reruns);
-    with ``drop_rounds_from=k`` the copy loses rounds >= k (results and checkpoints)."""
+    with ``drop_rounds_from=k`` the copy loses rounds >= k and all resume checkpoints (undeclared,
+    only needed by an interrupted training; most of a finished run's size)."""
     if dst.exists():
         return
     tmp = dst.with_name(dst.name + ".copying")
@@ -312,7 +313,8 @@ def copy_workdir(src: Path, dst: Path, drop_rounds_from: int | None = None) -> N
     shutil.copytree(src, tmp, symlinks=True, ignore=shutil.ignore_patterns("ablation.log", ".copying"))
     (tmp / "config.yaml").unlink(missing_ok=True)
     if drop_rounds_from is not None:
-        for parent in (tmp / "results", tmp / "results" / "checkpoints", tmp / "logs"):
+        shutil.rmtree(tmp / "results" / "checkpoints", ignore_errors=True)
+        for parent in (tmp / "results", tmp / "logs"):
             for d in parent.glob("round*"):
                 if d.name[5:].isdigit() and int(d.name[5:]) >= drop_rounds_from:
                     shutil.rmtree(d)
