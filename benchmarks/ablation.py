@@ -344,6 +344,9 @@ def run_one(base: dict, study: dict, work: Path, run: str, seed: int, cores: int
     write_config(wd, cfg)
     targets = [f"results/round{r}/metrics.json" for r in range(int(cfg["rounds"]))]
     seconds = snakemake(wd, targets, cores, wd / "ablation.log")
+    if not study.get("keep_checkpoints", False):
+        # resume checkpoints of a finished run: ~0.6 of its size (76 MB per resnet10t training)
+        shutil.rmtree(wd / "results" / "checkpoints", ignore_errors=True)
     print(f"  {run} seed {seed}: {seconds:.0f} s", flush=True)
     return {"run": run, "seed": seed, "seconds": round(seconds, 1), "workdir": str(wd)}
 

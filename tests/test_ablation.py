@@ -441,3 +441,30 @@ def test_footer_from_run_json(tmp_path):
     assert text.startswith(
         "Command: `python benchmarks/ablation.py`; wall time 51.0 min with --cores 2 --parallel 2"
     )
+
+
+def test_run_one_copies_and_drops_checkpoints_of_finished_runs(tmp_path, monkeypatch):
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    work = tmp_path / "work"
+    (work / "seed0" / "data" / "results").mkdir(parents=True)
+    (work / "seed0" / "data" / "results" / "sites.csv").write_text("x")
+    calls = []
+
+    def fake_snakemake(wd, targets, cores, log):
+        calls.append((wd.name, list(targets)))
+        ck = wd / "results" / "checkpoints" / "round0" / "m1" / "all"
+        ck.mkdir(parents=True, exist_ok=True)
+        (ck / "last.pt").write_text("x")
+        return 1.0
+
+    monkeypatch.setattr(ablation, "snakemake", fake_snakemake)
+    study = {**STUDY, "runs": {"a": {"rounds": 2}}}
+    got = ablation.run_one(base, study, work, "a", 0, 1)
+    wd = work / "seed0" / "a"
+    assert got["run"] == "a" and calls == [
+        ("a", ["results/round0/metrics.json", "results/round1/metrics.json"])
+    ]
+    assert (wd / "results" / "sites.csv").exists() and (wd / "config.yaml").exists()
+    assert not (wd / "results" / "checkpoints").exists()
+    ablation.run_one(base, {**study, "keep_checkpoints": True}, work, "a", 0, 1)
+    assert (wd / "results" / "checkpoints" / "round0").exists()
