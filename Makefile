@@ -100,9 +100,11 @@ bench: setup
 	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32 --num-workers 1 --threads 1
 	python benchmarks/bench_dag.py
 
-## ablation: the paper's Fig. 3 ladder on the synthetic screen (results/ablation/)
+## ablation: the paper's ladder, 5 seeds (each a new screen), paired differences + Holm (docs/ablation.md);
+## results/ablation/table.md. ABLATION=config/ablation-gpu.yaml for the device design.
+ABLATION ?= config/ablation.yaml
 ablation: setup
-	python benchmarks/ablation.py
+	python benchmarks/ablation.py --config $(ABLATION)
 
 clean:
 	rm -rf results logs resources .snakemake report.html dag

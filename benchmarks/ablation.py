@@ -1,33 +1,35 @@
-"""Ablation study of the DeepNoise recipe on the synthetic screen (the paper's Fig. 3, CPU-sized).
+"""Ablation of the DeepNoise recipe on the synthetic screen: the paper's ladder, paired over seeds.
 
-Runs the workflow once per run of ``config/ablation.yaml`` (and per seed), all on the same synthetic
-screen with the same epochs, then builds one table and one bar chart of validation and test
-accuracy per step: normalisation per cell type / experiment / plate (/ negative controls), softmax
-vs ArcFace, + mean teacher, + second model, + balancing (paper, groups), + pseudo-label rounds.
+The design (arms, paper values, statistics, verdict rule) is fixed in docs/ablation.md; the arms and
+the screen's size in config/ablation.yaml (CPU) or config/ablation-gpu.yaml (device).
 
-1. The data stage (synthesize -> sites -> stacks -> statistics) runs once in ``<out>/work/data``.
-2. Each run gets a copy of it (Snakemake's metadata included, so nothing reruns) in
-   ``<out>/work/seed<s>/<run>`` with its config, and runs ``snakemake`` up to its metrics files.
-3. Rows that need no training are derived from a run's outputs: each model, the ensemble and the
-   balanced ensemble are stages of a round's metrics JSON; ``balance:<method>`` rows re-balance the
-   round's ensemble npz (``deepnoise.balance``) and score it (``deepnoise.evaluate``).
-4. ``<out>/table.tsv``, ``table.md`` (also printed), ``runs.tsv`` (one line per row and seed),
-   ``ordering.tsv`` (the paper's expected order, checked), ``timings.tsv``, ``run.json`` (command,
-   wall time) and ``ablation.png`` (mean over seeds, error bars = standard deviation).
+1. Seed ``s`` (0..N-1) is one replicate: ``synthetic.seed`` = base + s (a different screen) and every
+   training seed shifted by ``s * seed_stride``. Its data stage (synthesize -> sites -> stacks ->
+   statistics) runs once in ``<out>/work/seed<s>/data``.
+2. Each run of the config gets a copy of its seed's data stage (Snakemake metadata included, so
+   nothing reruns), or, with ``from: <run>``, a copy of that finished run with its rounds >= 1
+   removed (round 0 is trained once and shared); it then runs ``snakemake`` up to its metrics.
+3. Rows read a stage of a round's ``metrics.json`` (a model, ``ensemble``, ``balanced``) or
+   ``balance:<method>`` (the round's ensemble re-balanced post hoc with ``deepnoise balance``, scored
+   with ``deepnoise.evaluate``), plus student/teacher accuracy at the selected epoch (``log.csv``) and
+   the round's ``pseudo_labels`` entry when present.
+4. Steps (row b vs its predecessor a): per-seed paired differences of the primary metric (test
+   accuracy), mean, 95 % t-interval, Holm correction across steps, verdict holds / reversed /
+   undecided. Outputs in ``<out>``: ``table.md`` (printed), ``table.tsv``, ``steps.tsv``,
+   ``runs.tsv``, ``timings.tsv``, ``run.json``.
 
-Finished runs are reused: rerunning the command only runs what is missing (``--fresh`` starts over).
+Every run config is checked (``deepnoise.configcheck``) before anything trains: an unknown key stops
+the harness with the key and the run named. Finished runs are reused (only what is missing runs);
+``--fresh`` starts over; ``--table-only`` rebuilds the tables from finished runs.
 
-    python benchmarks/ablation.py [--seeds 1] [--cores 2] [--parallel 2] [--runs full arcface]
-
-Jobs use one thread each (config/ablation.yaml), so a run keeps up to ``--cores`` jobs busy; with
-``--parallel 2`` a one-model run trains beside the two-model run, which keeps both cores of a
-2-core machine busy most of the time.
-    python benchmarks/ablation.py --table-only     # rebuild the table from the finished runs
+    python benchmarks/ablation.py [--config config/ablation.yaml] [--seeds N] [--cores 2] [--parallel 2]
+    python benchmarks/ablation.py --table-only
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import copy
 import json
 import math
@@ -38,44 +40,149 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO / "config" / "ablation.yaml"
 DEFAULT_OUT = REPO / "results" / "ablation"
+sys.path.insert(0, str(REPO / "scripts"))
+
+# sections every run of a seed shares (the screen and the split): set by `screen`, never by a run
 SHARED_SECTIONS = ("data", "synthetic", "split")
 SPLITS = ("validation", "test")
-# the accuracies of a row: each split, and both pooled (twice the wells: the ordering verdicts use it)
-SCORES = (*SPLITS, "pooled")
-TABLE_COLUMNS = (
-    "id", "group", "label", "run", "stage", "round", "seeds",
-    "validation_mean", "validation_sd", "test_mean", "test_sd", "pooled_mean", "pooled_sd",
-    "n_validation", "n_test", "n_pooled", "paper",
+PRIMARY = "test"
+ALPHA = 0.05
+# per-row, per-seed metrics (runs.tsv); accuracies in %
+METRICS = (
+    "test",
+    "validation",
+    "student",
+    "teacher",
+    "pseudo_validation",
+    "pseudo_test",
+    "pseudo_changed",
+)
+STEP_COLUMNS = (
+    "lower", "higher", "metric", "n", "mean", "sd", "se", "t", "p", "ci_low", "ci_high",
+    "p_holm", "level_holm", "ci_low_holm", "ci_high_holm", "verdict",
 )  # fmt: skip
+
+
+# ---------------------------------------------------------------- statistics (pure, unit-tested)
+def paired_stats(diffs: Sequence[float], level: float = 0.95) -> dict:
+    """Mean, sd, standard error, two-sided t-test of mean 0 and ``level`` t-interval of paired
+    differences (NaNs dropped). With fewer than 2 values everything but ``n`` and ``mean`` is NaN;
+    with zero spread the interval is the point and p is 0 (mean != 0) or 1 (mean == 0)."""
+    d = np.asarray([x for x in diffs if not (x is None or math.isnan(x))], dtype=float)
+    n = len(d)
+    out = {"n": n, "mean": float(d.mean()) if n else math.nan}
+    nan = dict.fromkeys(("sd", "se", "t", "p", "ci_low", "ci_high"), math.nan)
+    if n < 2:
+        return out | nan
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    mean = out["mean"]
+    if se == 0.0:
+        t = math.copysign(math.inf, mean) if mean else 0.0
+        p = 0.0 if mean else 1.0
+        half = 0.0
+    else:
+        t = mean / se
+        p = float(2 * stats.t.sf(abs(t), n - 1))
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    return out | {"sd": sd, "se": se, "t": t, "p": p, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down correction: ``(adjusted p, level)`` per input p-value (NaN stays NaN).
+
+    Adjusted ``p_(i) = max_{j<=i} min(1, (m - j + 1) p_(j))`` over the ``m`` non-NaN values sorted
+    ascending; ``level`` is the per-test level Holm compares the raw p with, ``alpha / (m - i + 1)``
+    for rank ``i`` (1-based); ties keep input order.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    adj = np.full(p.shape, np.nan)
+    lev = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = len(idx)
+    order = idx[np.argsort(p[idx], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        factor = m - rank
+        running = max(running, min(1.0, factor * p[i]))
+        adj[i] = running
+        lev[i] = alpha / factor
+    return adj, lev
+
+
+def verdict(mean: float, p_holm: float, n: int, alpha: float = ALPHA) -> str:
+    """holds / reversed when the Holm-adjusted p is below ``alpha`` (sign of the mean), else
+    undecided; missing with fewer than 2 paired seeds."""
+    if n < 2 or math.isnan(p_holm):
+        return "missing"
+    if p_holm < alpha and mean > 0:
+        return "holds"
+    if p_holm < alpha and mean < 0:
+        return "reversed"
+    return "undecided"
+
+
+def step_table(
+    long: pd.DataFrame, steps: Sequence[Sequence[str]], metric: str = PRIMARY, alpha: float = ALPHA
+) -> pd.DataFrame:
+    """One line per step ``[a, b]``: paired differences b - a of ``metric`` over the seeds where both
+    rows have a value, raw and Holm-adjusted (across all steps) p-values and intervals, verdict."""
+    wide = long.pivot_table(index="seed", columns="id", values=metric, aggfunc="first")
+    lines = []
+    for a, b in steps:
+        if a in wide and b in wide:
+            diffs = (wide[b] - wide[a]).dropna().tolist()
+        else:
+            diffs = []
+        lines.append({"lower": a, "higher": b, "metric": metric} | paired_stats(diffs, 1 - alpha))
+    table = pd.DataFrame(lines)
+    adj, lev = holm(table["p"].to_numpy(float), alpha) if len(table) else ([], [])
+    table["p_holm"], table["level_holm"] = adj, lev
+    lo, hi = [], []
+    for r in table.itertuples():
+        if r.n < 2 or math.isnan(r.level_holm):
+            lo.append(math.nan)
+            hi.append(math.nan)
+            continue
+        half = 0.0 if r.se == 0 else float(stats.t.ppf(1 - r.level_holm / 2, r.n - 1)) * r.se
+        lo.append(r.mean - half)
+        hi.append(r.mean + half)
+    table["ci_low_holm"], table["ci_high_holm"] = lo, hi
+    table["verdict"] = [verdict(r.mean, r.p_holm, r.n, alpha) for r in table.itertuples()]
+    return table.reindex(columns=list(STEP_COLUMNS))
 
 
 # ---------------------------------------------------------------- configs
 def set_dotted(cfg: dict, dotted: str, value) -> None:
-    """``cfg[a][b] = value`` for ``dotted == "a.b"``; the value replaces what was there."""
+    """``cfg[a][b] = value`` for ``dotted == "a.b"``; missing parents are created (the workflow's
+    config check then names an unknown section), a parent that is not a mapping is an error."""
     node = cfg
     *path, last = dotted.split(".")
     for key in path:
-        if not isinstance(node.get(key), dict):
+        if key not in node:
+            node[key] = {}
+        if not isinstance(node[key], dict):
             raise KeyError(f"override {dotted!r}: {key!r} is not a mapping of the base config")
         node = node[key]
     node[last] = copy.deepcopy(value)
 
 
 def load_study(path: str | os.PathLike) -> dict:
-    """The ablation config, checked: runs exist for every row, rows exist for every expectation."""
+    """The ablation config, checked: rows name runs, steps name rows, runs keep the screen shared."""
     study = yaml.safe_load(Path(path).read_text())
-    for key in ("base", "runs", "rows"):
+    for key in ("base", "runs", "rows", "steps"):
         if key not in study:
             raise ValueError(f"{path}: missing key {key!r}")
     ids = set()
@@ -88,27 +195,43 @@ def load_study(path: str | os.PathLike) -> dict:
         if row["id"] in ids:
             raise ValueError(f"{path}: duplicate row id {row['id']!r}")
         ids.add(row["id"])
-    for a, b in study.get("expect", []):
-        for i in (a, b):
+    for step in study["steps"]:
+        if len(step) != 2:
+            raise ValueError(f"{path}: step {step} is not a pair [predecessor, arm]")
+        for i in step:
             if i not in ids:
-                raise ValueError(f"{path}: expect names unknown row {i!r}")
+                raise ValueError(f"{path}: step {step} names unknown row {i!r}")
     for name, over in study["runs"].items():
-        for key in over or {}:
+        over = over or {}
+        for key in over:
             if key.split(".")[0] in SHARED_SECTIONS:
                 raise ValueError(
-                    f"{path}: run {name!r} overrides {key!r}: every run must share the screen "
-                    f"({', '.join(SHARED_SECTIONS)})"
+                    f"{path}: run {name!r} overrides {key!r}: the runs of a seed share the screen "
+                    f"({', '.join(SHARED_SECTIONS)}); set it under `screen`"
                 )
+        src = over.get("from")
+        if src is not None and (src not in study["runs"] or (study["runs"][src] or {}).get("from")):
+            raise ValueError(f"{path}: run {name!r}: `from: {src}` must name a run without `from`")
+    for key in study.get("screen") or {}:
+        if key.split(".")[0] not in SHARED_SECTIONS or key == "synthetic.seed":
+            raise ValueError(
+                f"{path}: screen key {key!r}: only {', '.join(SHARED_SECTIONS)} keys other than "
+                "synthetic.seed (set per seed) belong there"
+            )
+    if int(study.get("seeds", 5)) < 2:
+        raise ValueError(f"{path}: seeds must be >= 2 for paired intervals")
     return study
 
 
 def run_config(base: dict, study: dict, run: str, seed: int) -> dict:
-    """The workflow config of ``run`` for repeat ``seed`` (0-based)."""
+    """The workflow config of ``run`` for replicate ``seed`` (0-based): screen, shared overrides,
+    the run's overrides; then the screen seed and every training seed shifted by the replicate."""
     cfg = copy.deepcopy(base)
-    for key, value in (study.get("overrides") or {}).items():
-        set_dotted(cfg, key, value)
-    for key, value in (study["runs"][run] or {}).items():
-        set_dotted(cfg, key, value)
+    for section in (study.get("screen"), study.get("overrides"), study["runs"][run]):
+        for key, value in (section or {}).items():
+            if key != "from":
+                set_dotted(cfg, key, value)
+    set_dotted(cfg, "synthetic.seed", int(base["synthetic"].get("seed", 0)) + int(seed))
     shift = int(seed) * int(study.get("seed_stride", 100))
     if shift:
         cfg["train"]["seed"] = int(cfg["train"].get("seed", 0)) + shift
@@ -118,13 +241,27 @@ def run_config(base: dict, study: dict, run: str, seed: int) -> dict:
     return cfg
 
 
+def check_run_configs(base: dict, study: dict, runs: Sequence[str]) -> None:
+    """``deepnoise.configcheck`` on every run's config (seed 0): the first problem stops the
+    harness, naming the run and the workflow's message (which names the key)."""
+    from deepnoise import configcheck
+
+    schema = configcheck.load_schema(SCHEMA)
+    for run in runs:
+        try:
+            configcheck.check_config(run_config(base, study, run, 0), schema)
+        except Exception as exc:  # ConfigError / InputError: both name the key
+            raise SystemExit(
+                f"ablation run {run!r}: its config is not accepted by the workflow:\n{exc}"
+            ) from exc
+
+
 def rounds_needed(study: dict, run: str) -> int:
-    return 1 + max(int(r.get("round", 0)) for r in study["rows"] if r["run"] == run)
+    return 1 + max((int(r.get("round", 0)) for r in study["rows"] if r["run"] == run), default=0)
 
 
 def data_targets(cfg: dict) -> list[str]:
     """The data stage's outputs (site table, stacks, statistics) of a synthetic-screen config."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from deepnoise import layout
 
     exps = layout.synthetic_experiments(cfg["synthetic"])
@@ -164,42 +301,96 @@ def write_config(workdir: Path, cfg: dict) -> None:
         path.write_text(text)
 
 
-def prepare_data(base_cfg: dict, study: dict, work: Path, cores: int) -> float:
-    data = work / "data"
+def copy_workdir(src: Path, dst: Path, drop_rounds_from: int | None = None) -> None:
+    """Copy ``src`` to ``dst`` once (timestamps and .snakemake metadata kept, so nothing reruns);
+    with ``drop_rounds_from=k`` the copy loses rounds >= k and all resume checkpoints (undeclared,
+    only needed by an interrupted training; most of a finished run's size)."""
+    if dst.exists():
+        return
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp, symlinks=True, ignore=shutil.ignore_patterns("ablation.log", ".copying"))
+    (tmp / "config.yaml").unlink(missing_ok=True)
+    if drop_rounds_from is not None:
+        shutil.rmtree(tmp / "results" / "checkpoints", ignore_errors=True)
+        for parent in (tmp / "results", tmp / "logs"):
+            for d in parent.glob("round*"):
+                if d.name[5:].isdigit() and int(d.name[5:]) >= drop_rounds_from:
+                    shutil.rmtree(d)
+        shutil.rmtree(tmp / "results" / "ablation", ignore_errors=True)  # derived stages
+    tmp.rename(dst)
+
+
+def prepare_data(base: dict, study: dict, work: Path, seed: int, cores: int) -> dict:
+    data = work / f"seed{seed}" / "data"
     data.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(base_cfg, study, next(iter(study["runs"])), 0)
+    cfg = run_config(base, study, next(iter(study["runs"])), seed)
     write_config(data, cfg)
-    return snakemake(data, data_targets(cfg), cores, work / "data.log")
+    seconds = snakemake(data, data_targets(cfg), cores, work / f"seed{seed}" / "data.log")
+    print(f"  data seed {seed}: {seconds:.0f} s", flush=True)
+    return {"run": "data", "seed": seed, "seconds": round(seconds, 1)}
 
 
-def run_one(base_cfg: dict, study: dict, work: Path, run: str, seed: int, cores: int) -> dict:
-    """Copy the data stage into the run's work dir (once), write its config, run snakemake."""
+def run_one(base: dict, study: dict, work: Path, run: str, seed: int, cores: int) -> dict:
+    """Copy the seed's data stage (or the ``from`` run) into the run's work dir, run snakemake."""
     wd = work / f"seed{seed}" / run
-    if not wd.exists():
-        tmp = wd.with_name(wd.name + ".copying")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(work / "data", tmp, symlinks=True)  # timestamps and .snakemake metadata kept
-        (tmp / "config.yaml").unlink()
-        tmp.rename(wd)
-    cfg = run_config(base_cfg, study, run, seed)
+    src = (study["runs"][run] or {}).get("from")
+    if src:
+        copy_workdir(work / f"seed{seed}" / src, wd, drop_rounds_from=1)
+    else:
+        copy_workdir(work / f"seed{seed}" / "data", wd)
+    cfg = run_config(base, study, run, seed)
     write_config(wd, cfg)
     targets = [f"results/round{r}/metrics.json" for r in range(int(cfg["rounds"]))]
     seconds = snakemake(wd, targets, cores, wd / "ablation.log")
+    if not study.get("keep_checkpoints", False):
+        # resume checkpoints of a finished run: ~0.6 of its size (76 MB per resnet10t training)
+        shutil.rmtree(wd / "results" / "checkpoints", ignore_errors=True)
     print(f"  {run} seed {seed}: {seconds:.0f} s", flush=True)
     return {"run": run, "seed": seed, "seconds": round(seconds, 1), "workdir": str(wd)}
 
 
-# ---------------------------------------------------------------- derived stages
-def rebalanced_stage(workdir: Path, round_: int, method: str) -> dict:
-    """A metrics stage (metrics JSON format) of the round's ensemble re-balanced with ``method``.
+def schedule(tasks: dict, parallel: int) -> list[dict]:
+    """Run ``tasks`` (key -> (callable, [dependency keys], priority)) with ``parallel`` workers,
+    each as soon as its dependencies finished, highest priority first; returns their results.
+    A failed task stops the scheduling of new ones and re-raises once the running ones end."""
+    done: dict = {}
+    running: dict = {}
+    pending = dict(tasks)
+    error = None
+    with cf.ThreadPoolExecutor(max(1, parallel)) as pool:
+        while pending or running:
+            if error is None:
+                ready = [k for k, (_, deps, _) in pending.items() if all(d in done for d in deps)]
+                ready.sort(key=lambda k: -pending[k][2])
+                for k in ready[: max(0, parallel - len(running))]:
+                    fn = pending.pop(k)[0]
+                    running[pool.submit(fn)] = k
+            elif not running:
+                break
+            if not running:
+                raise RuntimeError(f"tasks wait on unknown dependencies: {sorted(pending)}")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                key = running.pop(fut)
+                try:
+                    done[key] = fut.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised below
+                    error = error or exc
+    if error is not None:
+        raise error
+    return [done[k] for k in tasks if k in done]
 
-    Cached as ``<workdir>/results/ablation/round{r}/balance_{method}.json`` (the balanced npz next
-    to it), recomputed when an ensemble file is newer.
+
+# ---------------------------------------------------------------- reading runs
+def rebalanced_stage(workdir: Path, round_: int, method: str) -> dict:
+    """A metrics stage of the round's ensemble re-balanced with ``method`` (``deepnoise balance``,
+    the workflow's own command), scored with ``deepnoise.evaluate``.
+
+    Cached as ``<workdir>/results/ablation/round{r}/balance_{method}.json`` (the balanced npz next to
+    it), recomputed when an ensemble file is newer.
     """
-    sys.path.insert(0, str(REPO / "scripts"))
-    from deepnoise.balance import balance_predictions, infer_plate_groups
-    from deepnoise.ensemble import load_predictions, save_predictions
     from deepnoise.evaluate import compute_metrics, read_sites, read_truth
 
     res = workdir / "results"
@@ -211,222 +402,202 @@ def rebalanced_stage(workdir: Path, round_: int, method: str) -> dict:
     newest = max(p.stat().st_mtime for p in ensembles)
     if cache.exists() and cache.stat().st_mtime >= newest:
         return json.loads(cache.read_text())
-    sites = read_sites(res / "sites.csv")
-    groups = infer_plate_groups(sites) if method != "none" else None
     files = []
     for path in ensembles:
-        balanced, _ = balance_predictions(load_predictions(path), groups, method)
         dst = out / method / path.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        save_predictions(balanced, dst)
+        cmd = [
+            sys.executable, "-m", "deepnoise", "balance", "--predictions", str(path),
+            "--sites", str(res / "sites.csv"), "--method", method, "--out", str(dst),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO / "scripts")}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"balance:{method} of {path} failed (method {method!r} unknown to this workflow?):\n"
+                f"{proc.stderr[-2000:]}"
+            )
         files.append(str(dst))
     name = f"balance:{method}"
-    metrics = compute_metrics(round_, [(name, "balanced", files)], sites, read_truth(res / "test_truth.csv"))
+    metrics = compute_metrics(round_, [(name, "balanced", files)], read_sites(res / "sites.csv"),
+                              read_truth(res / "test_truth.csv"))  # fmt: skip
     stage = metrics["stages"][0]
     cache.write_text(json.dumps(stage, indent=1) + "\n")
     return stage
 
 
-def load_run_metrics(workdir: Path, study: dict, run: str) -> dict[int, dict]:
-    """``{round: metrics}`` of a finished run, with the ``balance:<method>`` stages its rows need."""
-    out = {}
-    rows = [r for r in study["rows"] if r["run"] == run]
-    for round_ in sorted({int(r.get("round", 0)) for r in rows}):
-        path = workdir / "results" / f"round{round_}" / "metrics.json"
-        if not path.exists():
-            continue
-        m = json.loads(path.read_text())
-        for stage in sorted({r["stage"] for r in rows if int(r.get("round", 0)) == round_}):
-            if stage.startswith("balance:"):
-                m["stages"].append(rebalanced_stage(workdir, round_, stage.split(":", 1)[1]))
-        out[round_] = m
-    return out
-
-
-# ---------------------------------------------------------------- the table (pure, unit-tested)
-def stage_accuracy(metrics: dict, stage: str, split: str) -> dict | None:
-    """``{"n", "correct", "accuracy"}`` of a stage and split of a metrics dict (None if absent)."""
+def stage_accuracy(metrics: dict, stage: str, split: str) -> float:
+    """Accuracy (%) of a stage and split of a metrics dict; NaN when the split is not scored."""
     for st in metrics.get("stages", []):
         if st["stage"] == stage:
-            s = st["splits"].get(split)
-            return s["overall"] if s else None
+            s = (st["splits"].get(split) or {}).get("overall")
+            acc = None if s is None else s.get("accuracy")
+            return math.nan if acc is None else 100.0 * float(acc)
     raise KeyError(
         f"round {metrics.get('round')}: no stage {stage!r} (has {[s['stage'] for s in metrics['stages']]})"
     )
 
 
-def long_table(
-    study: dict, metrics_of: Callable[[str, int], dict[int, dict]], seeds: Sequence[int]
-) -> pd.DataFrame:
-    """One line per row and seed: accuracy (%) and wells per split and pooled over both splits.
+def selected_epoch(log: pd.DataFrame) -> pd.Series:
+    """The log row of the saved weights: the epoch with the best teacher validation accuracy (the
+    first such epoch) when a teacher was validated, else the last epoch."""
+    teacher = pd.to_numeric(log.get("val_acc_teacher"), errors="coerce")
+    if teacher is not None and teacher.notna().any():
+        return log.loc[teacher.idxmax()]
+    return log.iloc[-1]
 
-    Runs or rounds without metrics are skipped; a split that is not scored is NaN with 0 wells.
-    """
+
+def student_teacher(workdir: Path, round_: int, models: Sequence[str]) -> tuple[float, float]:
+    """Mean student and teacher validation accuracy (%) at the selected epoch over ``models`` and
+    their fine-tuned scopes (``all`` when a model has no fine-tuned scope); NaN when absent."""
+    students, teachers = [], []
+    for m in models:
+        root = workdir / "results" / f"round{round_}" / "models" / m
+        logs = sorted(p for p in root.glob("*/log.csv") if p.parent.name != "all")
+        logs = logs or sorted(root.glob("all/log.csv"))
+        for path in logs:
+            row = selected_epoch(pd.read_csv(path))
+            students.append(float(row.get("val_acc_student", np.nan)))
+            teachers.append(float(row.get("val_acc_teacher", np.nan)))
+
+    def mean(xs: list[float]) -> float:
+        xs = [x for x in xs if not math.isnan(x)]
+        return 100.0 * float(np.mean(xs)) if xs else math.nan
+
+    return mean(students), mean(teachers)
+
+
+def pseudo_entry(metrics: dict) -> dict:
+    """``pseudo_validation``, ``pseudo_test`` (accuracy %, of the round's pseudo labels against the
+    held-out truth) and ``pseudo_changed`` (labels changed vs the previous round) from the metrics'
+    ``pseudo_labels`` entry; NaN when the entry or a field is absent. A split may be a number or a
+    mapping with ``accuracy``."""
+    entry = metrics.get("pseudo_labels") or {}
+
+    def acc(split: str) -> float:
+        v = entry.get(split)
+        if isinstance(v, dict):
+            v = v.get("accuracy")
+        return math.nan if v is None else 100.0 * float(v)
+
+    changed = entry.get("changed", entry.get("n_changed"))
+    if isinstance(changed, dict):
+        changed = changed.get("n", changed.get("count"))
+    return {
+        "pseudo_validation": acc("validation"),
+        "pseudo_test": acc("test"),
+        "pseudo_changed": math.nan if changed is None else float(changed),
+    }
+
+
+def row_models(row: dict, cfg: dict) -> list[str]:
+    """The models behind a row: its stage when that is a model, else all of the run's models."""
+    return [row["stage"]] if row["stage"] in cfg["models"] else list(cfg["models"])
+
+
+def read_row(workdir: Path, row: dict, cfg: dict, metrics: dict) -> dict:
+    """All metrics of one row for one seed (accuracies in %)."""
+    stage, round_ = row["stage"], int(row.get("round", 0))
+    if stage.startswith("balance:"):
+        st = rebalanced_stage(workdir, round_, stage.split(":", 1)[1])
+        metrics = {**metrics, "stages": [*metrics.get("stages", []), st]}
+    line = {split: stage_accuracy(metrics, stage, split) for split in SPLITS}
+    line["student"], line["teacher"] = student_teacher(workdir, round_, row_models(row, cfg))
+    return line | pseudo_entry(metrics)
+
+
+def long_table(study: dict, read: Callable[[dict, int], dict | None], seeds: Sequence[int]) -> pd.DataFrame:
+    """One line per row and seed with every metric; ``read(row, seed)`` returns None when the run
+    or round has no metrics yet (that line is left out)."""
     lines = []
-    cache: dict[tuple[str, int], dict[int, dict]] = {}
     for seed in seeds:
         for row in study["rows"]:
-            key = (row["run"], seed)
-            if key not in cache:
-                cache[key] = metrics_of(row["run"], seed)
-            m = cache[key].get(int(row.get("round", 0)))
-            if m is None:
-                continue
-            line = {"id": row["id"], "seed": seed}
-            correct = n = 0
-            for split in SPLITS:
-                acc = stage_accuracy(m, row["stage"], split)
-                ok = acc is not None and acc["accuracy"] is not None
-                line[split] = 100.0 * acc["accuracy"] if ok else np.nan
-                line[f"n_{split}"] = acc["n"] if ok else 0
-                if ok:
-                    correct, n = correct + acc["correct"], n + acc["n"]
-            line["pooled"] = 100.0 * correct / n if n else np.nan
-            line["n_pooled"] = n
-            lines.append(line)
-    return pd.DataFrame(lines, columns=["id", "seed", *SCORES, *(f"n_{s}" for s in SCORES)])
+            got = read(row, seed)
+            if got is not None:
+                lines.append({"id": row["id"], "seed": seed} | got)
+    return pd.DataFrame(lines, columns=["id", "seed", *METRICS])
 
 
-def summarise(study: dict, long: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation (ddof=1; NaN for one seed) over seeds, rows in study order."""
+# ---------------------------------------------------------------- the table
+def summarise(study: dict, long: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """One line per row (study order): paper value, seeds, mean and sd of every metric, and the
+    step that leads to it (its predecessor, paired difference, Holm interval, verdict)."""
+    by_higher = {r.higher: r for r in steps.itertuples()}
     out = []
     for row in study["rows"]:
         g = long[long["id"] == row["id"]]
-        line = {k: row.get(k) for k in ("id", "group", "label", "run", "stage")}
-        line |= {"round": int(row.get("round", 0)), "seeds": len(g), "paper": row.get("paper", np.nan)}
-        for split in SCORES:
-            vals = g[split].dropna()
-            line[f"{split}_mean"] = vals.mean() if len(vals) else np.nan
-            line[f"{split}_sd"] = vals.std(ddof=1) if len(vals) > 1 else np.nan
-            line[f"n_{split}"] = int(g[f"n_{split}"].iloc[0]) if len(g) else 0
+        line = {k: row.get(k, "") for k in ("id", "label", "run", "stage")}
+        line |= {"round": int(row.get("round", 0)), "paper": row.get("paper", "not reported")}
+        line["seeds"] = len(g)
+        for m in METRICS:
+            vals = g[m].dropna()
+            line[f"{m}_mean"] = vals.mean() if len(vals) else np.nan
+            line[f"{m}_sd"] = vals.std(ddof=1) if len(vals) > 1 else np.nan
+        s = by_higher.get(row["id"])
+        line["vs"] = s.lower if s else ""
+        for k in ("n", "mean", "ci_low", "ci_high", "p", "p_holm", "ci_low_holm", "ci_high_holm"):
+            line[f"step_{k}"] = getattr(s, k) if s else np.nan
+        line["verdict"] = s.verdict if s else ""
         out.append(line)
-    return pd.DataFrame(out, columns=list(TABLE_COLUMNS))
+    return pd.DataFrame(out)
 
 
-def binomial_se(acc_pct: float, n_wells: int) -> float:
-    """Standard error (percentage points) of an accuracy measured on ``n_wells`` wells."""
-    if not n_wells or math.isnan(acc_pct):
-        return math.nan
-    p = acc_pct / 100.0
-    return 100.0 * math.sqrt(max(p * (1 - p), 0.25 / n_wells) / n_wells)
+def _num(x: float, fmt: str = "{:.1f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
-def check_ordering(study: dict, table: pd.DataFrame, split: str = "pooled") -> pd.DataFrame:
-    """The paper's expected ``a < b`` pairs on ``split``: difference and a noise scale.
-
-    ``noise`` is the larger of the seed spread of the difference and the binomial standard error of
-    the difference (wells pooled over seeds); ``verdict`` is ``holds`` (b > a by more than noise),
-    ``within noise`` (|b - a| <= noise), ``reversed`` (b < a by more than noise) or ``missing``.
-    """
-    by_id = table.set_index("id")
-    out = []
-    for a, b in study.get("expect", []):
-        ra, rb = by_id.loc[a], by_id.loc[b]
-        ma, mb = ra[f"{split}_mean"], rb[f"{split}_mean"]
-        line = {"lower": a, "higher": b, "split": split, "a": ma, "b": mb}
-        if math.isnan(ma) or math.isnan(mb):
-            out.append(line | {"diff": np.nan, "noise": np.nan, "verdict": "missing"})
-            continue
-        n_a = ra[f"n_{split}"] * max(ra["seeds"], 1)
-        n_b = rb[f"n_{split}"] * max(rb["seeds"], 1)
-        se = math.hypot(binomial_se(ma, n_a), binomial_se(mb, n_b))
-        sd = math.hypot(*(0.0 if math.isnan(s) else s for s in (ra[f"{split}_sd"], rb[f"{split}_sd"])))
-        seeds = min(ra["seeds"], rb["seeds"])
-        noise = max(se, sd / math.sqrt(seeds) if seeds > 1 else 0.0)
-        diff = mb - ma
-        verdict = "holds" if diff > noise else "reversed" if diff < -noise else "within noise"
-        out.append(line | {"diff": diff, "noise": noise, "verdict": verdict})
-    return pd.DataFrame(out, columns=["lower", "higher", "split", "a", "b", "diff", "noise", "verdict"])
-
-
-def _fmt(mean: float, sd: float) -> str:
+def _pm(mean: float, sd: float) -> str:
     if math.isnan(mean):
         return "–"
     return f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
 
 
-def markdown(table: pd.DataFrame, checks: pd.DataFrame | None = None, footer: str = "") -> str:
-    """The table as GitHub markdown (accuracy %, mean ± sd over seeds), then the ordering checks."""
-    seeds = sorted({int(n) for n in table["seeds"] if n > 0})
+def markdown(table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str = "") -> str:
+    """The table as GitHub markdown: the ladder with verdicts, then the diagnostics."""
     lines = [
-        "| step | run | stage | round | validation acc. % | test acc. % | both % | paper % |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| step | paper | test acc. % | Δ vs | Δ test pp [Holm 95 % CI] | p (Holm) | verdict |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- |",
     ]
     for r in table.itertuples():
-        paper = (
-            "" if r.paper is None or (isinstance(r.paper, float) and math.isnan(r.paper)) else f"{r.paper:g}"
+        paper = r.paper if isinstance(r.paper, str) else f"{r.paper:g}"
+        delta = (
+            ""
+            if not r.vs
+            else f"{_num(r.step_mean, '{:+.1f}')} [{_num(r.step_ci_low_holm, '{:+.1f}')}, "
+            f"{_num(r.step_ci_high_holm, '{:+.1f}')}]"
         )
+        p = "" if not r.vs else _num(r.step_p_holm, "{:.3g}")
         lines.append(
-            f"| {r.label} | {r.run} | {r.stage} | {r.round} | {_fmt(r.validation_mean, r.validation_sd)}"
-            f" | {_fmt(r.test_mean, r.test_sd)} | {_fmt(r.pooled_mean, r.pooled_sd)} | {paper} |"
+            f"| {r.label} | {paper} | {_pm(r.test_mean, r.test_sd)} | {r.vs} | {delta} | {p} | {r.verdict} |"
         )
-    n_val = int(table["n_validation"].max()) if len(table) else 0
-    n_test = int(table["n_test"].max()) if len(table) else 0
-    lines.append("")
-    lines.append(
-        f"Seeds per row: {'/'.join(map(str, seeds)) or 'none'} (± = standard deviation over seeds); "
-        f"{n_val} validation and {n_test} test wells per seed."
-    )
-    if checks is not None and len(checks):
-        lines += [
-            "",
-            "| paper's ordering | validation Δ pp | test Δ pp | both Δ pp (noise) | verdict (both) |",
-            "| --- | ---: | ---: | ---: | --- |",
-        ]
-        for (lower, higher), g in checks.groupby(["lower", "higher"], sort=False):
-            by = g.set_index("split")
-            cells = []
-            for split in SCORES:
-                d = by["diff"].get(split, np.nan)
-                cells.append("–" if math.isnan(d) else f"{d:+.1f}")
-            pooled = by.loc["pooled"] if "pooled" in by.index else None
-            if pooled is not None and not math.isnan(pooled["diff"]):
-                cells[-1] += f" ({pooled['noise']:.1f})"
-            cells.append(pooled["verdict"] if pooled is not None else "missing")
-            lines.append(f"| {lower} < {higher} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "Verdicts on both splits pooled: `holds` when the gain exceeds the noise (binomial standard error"
-            " of the difference, or the seed spread when larger), `within noise` otherwise, `reversed` when"
-            " the loss exceeds it.",
-        ]
+    lines += [
+        "",
+        f"Primary metric: test accuracy (%) of the fine-tuned per-cell-type predictions, mean ± sd over "
+        f"{n_seeds} seeds (each seed a different synthetic screen). Δ: per-seed paired difference to "
+        "the row named in `Δ vs`, mean and Holm-adjusted 95 % t-interval (Holm across all "
+        f"{len(steps)} steps; `p (Holm)` = Holm-adjusted p-value). Verdict `holds` when the adjusted "
+        "p < 0.05 with a gain (the adjusted interval excludes 0 on the positive side), `reversed` "
+        "with a loss, else `undecided`. Paper: accuracy on RxRx1 or, for balancing, its gain.",
+        "",
+        "| step | validation acc. % | student % | teacher % | pseudo-label acc. val / test % "
+        "| labels changed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table.itertuples():
+        pseudo = f"{_num(r.pseudo_validation_mean)} / {_num(r.pseudo_test_mean)}"
+        lines.append(
+            f"| {r.label} | {_pm(r.validation_mean, r.validation_sd)} | {_num(r.student_mean)} | "
+            f"{_num(r.teacher_mean)} | {pseudo} | {_num(r.pseudo_changed_mean, '{:.0f}')} |"
+        )
+    lines += [
+        "",
+        "Student / teacher: validation accuracy at the selected epoch (best teacher epoch; the last "
+        "epoch without a teacher) from `log.csv`, mean over the row's models and fine-tuned scopes "
+        "and over seeds. Pseudo labels: the round's `pseudo_labels` entry of `metrics.json`.",
+    ]
     if footer:
         lines += ["", footer]
     return "\n".join(lines) + "\n"
-
-
-def plot(table: pd.DataFrame, path: Path) -> None:
-    """Horizontal bars per row: validation and test accuracy, error bars = sd over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(table)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * n + 1.5))
-    y = np.arange(n)[::-1]
-    h = 0.38
-    for k, (split, colour) in enumerate((("validation", "#4c72b0"), ("test", "#dd8452"))):
-        mean = table[f"{split}_mean"].to_numpy(float)
-        sd = np.nan_to_num(table[f"{split}_sd"].to_numpy(float))
-        ax.barh(y + (0.5 - k) * h, mean, h, xerr=sd, color=colour, label=split, capsize=2)
-        for yi, m in zip(y + (0.5 - k) * h, mean, strict=True):
-            if not math.isnan(m):
-                ax.text(m + 0.5, yi, f"{m:.1f}", va="center", fontsize=7)
-    paper = pd.to_numeric(table["paper"], errors="coerce").to_numpy(float)
-    has = ~np.isnan(paper)
-    if has.any():
-        ax.scatter(paper[has], y[has], marker="|", s=200, color="k", label="paper", zorder=3)
-    ax.set_yticks(y, table["label"])
-    ax.set_xlim(0, 105)
-    ax.set_xlabel("accuracy (%)")
-    seeds = int(table["seeds"].max()) if n else 0
-    ax.set_title(f"Ablation on the synthetic screen (mean ± sd over {seeds} seed{'s' * (seeds != 1)})")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def footer_text(run_json: Path, cmd: str) -> str:
@@ -436,40 +607,45 @@ def footer_text(run_json: Path, cmd: str) -> str:
     info = json.loads(run_json.read_text())
     return (
         f"Command: `{info['command']}`; wall time {info['wall_minutes']:.1f} min with --cores {info['cores']}"
-        f" ({info['cpus']} CPUs, {info['machine']}), {info['runs']} runs, finished {info['finished']}."
+        f" --parallel {info.get('parallel', '?')} ({info['cpus']} CPUs, {info['machine']}), "
+        f"{info['runs']} runs, finished {info['finished']}."
     )
 
 
 # ---------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="ablation config (runs, rows)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (work dirs under <out>/work)")
-    ap.add_argument("--seeds", type=int, default=1, help="repeats of every run with shifted training seeds")
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="snakemake --cores of each run")
     ap.add_argument(
-        "--parallel",
-        type=int,
-        default=2,
-        help="runs side by side (the longest first; one-model runs fill the cores the two-model run leaves)",
+        "--config", default=str(DEFAULT_CONFIG), help="ablation config (screen, runs, rows, steps)"
     )
+    ap.add_argument(
+        "--out", default=None, help="output folder (default: results/ablation, or the config's `out`)"
+    )
+    ap.add_argument("--seeds", type=int, default=None, help="replicates (default: the config's `seeds`)")
+    ap.add_argument("--cores", type=int, default=None, help="snakemake --cores of each run (default: config)")
+    ap.add_argument("--parallel", type=int, default=None, help="runs side by side (default: config)")
     ap.add_argument("--runs", nargs="*", help="only these runs (default: all)")
-    ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the tables from finished runs")
     ap.add_argument("--fresh", action="store_true", help="delete <out>/work first")
     args = ap.parse_args(argv)
 
     study = load_study(args.config)
-    base_cfg = yaml.safe_load((REPO / study["base"]).read_text())
-    out = Path(args.out).resolve()
+    base = yaml.safe_load((REPO / study["base"]).read_text())
+    out = Path(args.out or REPO / study.get("out", DEFAULT_OUT)).resolve()
     work = out / "work"
-    seeds = list(range(args.seeds))
+    n_seeds = int(args.seeds or study.get("seeds", 5))
+    if n_seeds < 2:
+        ap.error("--seeds must be >= 2 (paired intervals)")
+    seeds = list(range(n_seeds))
+    cores = int(args.cores or study.get("cores", 2))
+    parallel = int(args.parallel or study.get("parallel", 2))
     runs = list(args.runs or study["runs"])
     for r in runs:
         if r not in study["runs"]:
             ap.error(f"unknown run {r!r} (runs: {', '.join(study['runs'])})")
-    for r in runs:
-        if int(run_config(base_cfg, study, r, 0)["rounds"]) < rounds_needed(study, r):
+        if int(run_config(base, study, r, 0)["rounds"]) < rounds_needed(study, r):
             ap.error(f"run {r!r}: its rows read round {rounds_needed(study, r) - 1}, set its rounds")
+    check_run_configs(base, study, runs)
 
     t0 = time.perf_counter()
     timings = []
@@ -477,56 +653,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fresh:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"data stage -> {work / 'data'}", flush=True)
-        timings.append(
-            {"run": "data", "seed": "", "seconds": round(prepare_data(base_cfg, study, work, args.cores), 1)}
-        )
-        # longest first: runs with more rounds and models
-        jobs = sorted(
-            ((r, s) for s in seeds for r in runs),
-            key=lambda rs: (
-                -int(run_config(base_cfg, study, rs[0], 0)["rounds"])
-                * len(run_config(base_cfg, study, rs[0], 0)["models"])
-            ),
-        )
-        parallel = max(1, min(args.parallel, len(jobs)))
-        print(f"{len(jobs)} runs, {parallel} at a time, --cores {args.cores} each", flush=True)
-        with ThreadPoolExecutor(parallel) as pool:
-            futures = [pool.submit(run_one, base_cfg, study, work, r, s, args.cores) for r, s in jobs]
-            timings += [f.result() for f in futures]
+        tasks = {}
+
+        def cost(r: str) -> int:
+            cfg = run_config(base, study, r, 0)
+            return int(cfg["rounds"]) * len(cfg["models"]) * (2 if cfg["train"].get("mean_teacher") else 1)
+
+        for s in seeds:
+            tasks[("data", s)] = (lambda s=s: prepare_data(base, study, work, s, cores), [], 1000 - s)
+            for r in runs:
+                src = (study["runs"][r] or {}).get("from")
+                deps = [("data", s)] + ([(src, s)] if src else [])
+                if src and src not in runs:
+                    ap.error(f"run {r!r} starts from run {src!r}: include it in --runs")
+                fn = lambda r=r, s=s: run_one(base, study, work, r, s, cores)  # noqa: E731
+                tasks[(r, s)] = (fn, deps, cost(r) + (100 if any(
+                    (study["runs"][x] or {}).get("from") == r for x in runs) else 0) - s)  # fmt: skip
+        print(f"{len(tasks)} tasks ({n_seeds} seeds), {parallel} at a time, --cores {cores} each", flush=True)
+        timings = schedule(tasks, parallel)
     wall = time.perf_counter() - t0
 
-    def metrics_of(run: str, seed: int) -> dict[int, dict]:
-        wd = work / f"seed{seed}" / run
-        return load_run_metrics(wd, study, run) if wd.exists() else {}
+    cfg_cache: dict = {}
 
-    long = long_table(study, metrics_of, seeds)
-    table = summarise(study, long)
-    checks = pd.concat([check_ordering(study, table, s) for s in SCORES], ignore_index=True)
+    def read(row: dict, seed: int) -> dict | None:
+        wd = work / f"seed{seed}" / row["run"]
+        path = wd / "results" / f"round{int(row.get('round', 0))}" / "metrics.json"
+        if not path.exists():
+            return None
+        key = (row["run"], seed)
+        if key not in cfg_cache:
+            cfg_cache[key] = run_config(base, study, row["run"], seed)
+        return read_row(wd, row, cfg_cache[key], json.loads(path.read_text()))
+
+    long = long_table(study, read, seeds)
+    steps = step_table(long, study["steps"], PRIMARY)
+    steps_val = step_table(long, study["steps"], "validation")
+    table = summarise(study, long, steps)
     out.mkdir(parents=True, exist_ok=True)
     long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format="%.4f")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
-    checks.to_csv(out / "ordering.tsv", sep="\t", index=False, float_format="%.4f")
+    pd.concat([steps, steps_val]).to_csv(out / "steps.tsv", sep="\t", index=False, float_format="%.6g")
     cmd = ("python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if timings:
         pd.DataFrame(timings).to_csv(out / "timings.tsv", sep="\t", index=False)
-        run_info = {
-            "command": cmd,
-            "wall_minutes": round(wall / 60, 1),
-            "cores": args.cores,
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "runs": len(timings) - 1,
+        info = {
+            "command": cmd, "wall_minutes": round(wall / 60, 1), "cores": cores, "parallel": parallel,
+            "cpus": os.cpu_count(), "machine": platform.machine(), "runs": len(timings),
             "finished": time.strftime("%Y-%m-%d %H:%M"),
-        }
-        (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
-    footer = footer_text(out / "run.json", cmd)
-    md = markdown(table, checks, footer)
+        }  # fmt: skip
+        (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    md = markdown(table, steps, n_seeds, footer_text(out / "run.json", cmd))
     (out / "table.md").write_text(md)
-    plot(table, out / "ablation.png")
     print()
     print(md)
-    print(f"wrote {out}/table.tsv, table.md, runs.tsv, ordering.tsv, ablation.png")
+    print(f"wrote {out}/table.md, table.tsv, steps.tsv (test and validation), runs.tsv")
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Config handling and table building of benchmarks/ablation.py, on fabricated metrics."""
+"""benchmarks/ablation.py: statistics (known values), config handling, scheduling and table building
+on fabricated runs."""
 
 import copy
 import importlib.util
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,341 @@ ablation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablation)
 
 
+# ---------------------------------------------------------------- statistics
+def test_paired_stats_known_values():
+    # R: t.test(1:5): t = 4.2426, df = 4, p-value = 0.01324, 95 % CI 1.036757 4.963243
+    s = ablation.paired_stats([1, 2, 3, 4, 5])
+    assert s["n"] == 5 and s["mean"] == pytest.approx(3.0)
+    assert s["sd"] == pytest.approx(math.sqrt(2.5))
+    assert s["t"] == pytest.approx(4.242641, rel=1e-6)
+    assert s["p"] == pytest.approx(0.01324, abs=5e-6)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((1.036757, 4.963243), abs=1e-6)
+    # NaNs are dropped (a seed where one arm is missing)
+    assert ablation.paired_stats([1, np.nan, 2, 3, 4, 5])["p"] == pytest.approx(s["p"])
+    # by hand: mean 0.625, sum of squares 12.6875, sd = sqrt(12.6875 / 3), t = mean / (sd / 2)
+    s = ablation.paired_stats([-2, 0.5, 1, 3])
+    assert s["t"] == pytest.approx(0.625 / (math.sqrt(12.6875 / 3) / 2))
+    assert s["p"] > 0.5 and s["ci_low"] < 0 < s["ci_high"]
+
+
+def test_paired_stats_degenerate():
+    one = ablation.paired_stats([2.0])
+    assert one["n"] == 1 and one["mean"] == 2.0 and math.isnan(one["p"]) and math.isnan(one["ci_low"])
+    assert ablation.paired_stats([])["n"] == 0
+    same = ablation.paired_stats([2.0, 2.0, 2.0])
+    assert same["p"] == 0.0 and same["ci_low"] == same["ci_high"] == 2.0
+    zero = ablation.paired_stats([0.0, 0.0])
+    assert zero["p"] == 1.0
+
+
+def test_holm_known_values():
+    # R: p.adjust(c(0.01, 0.04, 0.03, 0.005), "holm") = 0.03 0.06 0.06 0.02
+    adj, lev = ablation.holm([0.01, 0.04, 0.03, 0.005])
+    assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert lev == pytest.approx([0.05 / 3, 0.05 / 1, 0.05 / 2, 0.05 / 4])
+    # NaN (a step without data) is left out of the family: m = 2
+    adj, lev = ablation.holm([0.02, np.nan, 0.04])
+    assert adj[0] == pytest.approx(0.04) and adj[2] == pytest.approx(0.04) and math.isnan(adj[1])
+    assert math.isnan(lev[1])
+    # capped at 1
+    assert ablation.holm([0.6, 0.7])[0] == pytest.approx([1.0, 1.0])
+
+
+def test_verdicts():
+    assert ablation.verdict(3.0, 0.01, 5) == "holds"
+    assert ablation.verdict(-3.0, 0.01, 5) == "reversed"
+    assert ablation.verdict(3.0, 0.06, 5) == "undecided"
+    assert ablation.verdict(3.0, 0.049, 5) == "holds"
+    assert ablation.verdict(3.0, 0.0, 1) == "missing"
+    assert ablation.verdict(3.0, float("nan"), 5) == "missing"
+
+
+def _long(diffs_by_step, base=50.0):
+    """A long table of rows a, b, c... where row k+1 - row k = diffs_by_step[k] per seed."""
+    n_seeds = len(diffs_by_step[0])
+    lines = []
+    for seed in range(n_seeds):
+        acc = base
+        lines.append({"id": "r0", "seed": seed, "test": acc, "validation": acc})
+        for k, diffs in enumerate(diffs_by_step):
+            acc += diffs[seed]
+            lines.append({"id": f"r{k + 1}", "seed": seed, "test": acc, "validation": acc})
+    return pd.DataFrame(lines)
+
+
+def test_step_table_pairs_by_seed_and_holm_adjusts():
+    big = [4.0, 5.0, 6.0, 5.0, 5.5]  # clear gain
+    noisy = [3.0, -2.0, 1.0, 4.0, -1.0]  # no clear sign
+    worse = [-5.0, -6.0, -4.5, -5.5, -5.0]  # clear loss
+    long = _long([big, noisy, worse])
+    steps = [["r0", "r1"], ["r1", "r2"], ["r2", "r3"]]
+    t = ablation.step_table(long, steps).set_index("higher")
+    for k, d in zip(("r1", "r2", "r3"), (big, noisy, worse), strict=True):
+        raw = ablation.paired_stats(d)
+        assert t.loc[k, "mean"] == pytest.approx(raw["mean"])
+        assert t.loc[k, "p"] == pytest.approx(raw["p"])
+        assert (t.loc[k, "ci_low"], t.loc[k, "ci_high"]) == pytest.approx((raw["ci_low"], raw["ci_high"]))
+    adj, lev = ablation.holm(t["p"].to_numpy())
+    assert t["p_holm"].to_numpy() == pytest.approx(adj)
+    # the adjusted interval uses the Holm level of its rank: wider than the 95 % one
+    from scipy import stats
+
+    for k in ("r1", "r3"):
+        half = stats.t.ppf(1 - t.loc[k, "level_holm"] / 2, 4) * t.loc[k, "se"]
+        assert t.loc[k, "ci_low_holm"] == pytest.approx(t.loc[k, "mean"] - half)
+        assert t.loc[k, "ci_low_holm"] < t.loc[k, "ci_low"]
+    assert t.loc["r1", "ci_low_holm"] > 0 and t.loc["r1", "verdict"] == "holds"
+    assert t.loc["r2", "verdict"] == "undecided"
+    assert t.loc["r3", "ci_high_holm"] < 0 and t.loc["r3", "verdict"] == "reversed"
+
+
+def test_step_table_is_paired_not_pooled():
+    # arms differ by +1 on every seed, but seeds differ by 20 points: a paired test sees it,
+    # an unpaired comparison of the two columns would not
+    lines = []
+    for seed, level in enumerate([30.0, 50.0, 70.0, 40.0, 60.0]):
+        lines += [{"id": "a", "seed": seed, "test": level}, {"id": "b", "seed": seed, "test": level + 1}]
+    t = ablation.step_table(pd.DataFrame(lines), [["a", "b"]])
+    assert t.loc[0, "sd"] == 0.0 and t.loc[0, "verdict"] == "holds"
+
+
+def test_step_table_missing_seeds_and_rows():
+    long = _long([[1.0, 2.0, 3.0]])
+    long = long[~((long["id"] == "r1") & (long["seed"] == 2))]
+    t = ablation.step_table(long, [["r0", "r1"], ["r0", "ghost"]]).set_index("higher")
+    assert t.loc["r1", "n"] == 2 and t.loc["r1", "mean"] == pytest.approx(1.5)
+    assert t.loc["ghost", "n"] == 0 and t.loc["ghost", "verdict"] == "missing"
+    # the missing step is not counted in the Holm family: r1 keeps its raw p
+    assert t.loc["r1", "p_holm"] == pytest.approx(t.loc["r1", "p"])
+
+
+# ---------------------------------------------------------------- configs
+STUDY = {
+    "base": "config/config.yaml",
+    "seeds": 2,
+    "screen": {"synthetic.n_treatments": 120},
+    "runs": {"a": {"rounds": 1}, "b": {"rounds": 2}, "c": {"from": "b", "rounds": 2}},
+    "rows": [
+        {"id": "a1", "label": "A", "run": "a", "stage": "m1", "paper": 50.0},
+        {"id": "b1", "label": "B", "run": "b", "stage": "ensemble"},
+        {"id": "c1", "label": "C round 1", "run": "c", "stage": "ensemble", "round": 1},
+    ],
+    "steps": [["a1", "b1"], ["b1", "c1"]],
+}
+
+
+def _write(tmp_path, study):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_set_dotted_replaces_and_creates_sections():
+    cfg = {"train": {"head": "arcface", "seed": 0}, "models": {"r10": {}, "r18": {}}}
+    ablation.set_dotted(cfg, "train.head", "softmax")
+    ablation.set_dotted(cfg, "models", {"m1": {"backbone": "resnet10t"}})
+    ablation.set_dotted(cfg, "pseudo.targets", "soft")  # a new section: the config check judges it
+    assert cfg == {
+        "train": {"head": "softmax", "seed": 0},
+        "models": {"m1": {"backbone": "resnet10t"}},
+        "pseudo": {"targets": "soft"},
+    }
+    with pytest.raises(KeyError, match="'head' is not a mapping"):
+        ablation.set_dotted(cfg, "train.head.x", 1)
+
+
+def test_load_study_rejects_bad_configs(tmp_path):
+    assert ablation.load_study(_write(tmp_path, STUDY))["rows"][0]["id"] == "a1"
+    cases = [
+        (lambda s: s["rows"][0].update(run="zzz"), "unknown run 'zzz'"),
+        (lambda s: s["runs"]["a"].update({"synthetic.seed": 3}), "share the screen"),
+        (lambda s: s["runs"]["a"].update({"split.validation_per_cell_type": 2}), "share the screen"),
+        (lambda s: s["steps"].append(["a1", "nope"]), "unknown row 'nope'"),
+        (lambda s: s["steps"].append(["a1"]), "not a pair"),
+        (lambda s: s["runs"]["c"].update({"from": "c"}), "must name a run without `from`"),
+        (lambda s: s["screen"].update({"synthetic.seed": 1}), "screen key 'synthetic.seed'"),
+        (lambda s: s["screen"].update({"train.epochs": 1}), "screen key 'train.epochs'"),
+        (lambda s: s.update(seeds=1), "seeds must be >= 2"),
+        (lambda s: s.pop("steps"), "missing key 'steps'"),
+    ]
+    for mutate, message in cases:
+        bad = copy.deepcopy(STUDY)
+        mutate(bad)
+        with pytest.raises(ValueError, match=message):
+            ablation.load_study(_write(tmp_path, bad))
+
+
+def test_seeds_change_the_screen_and_all_training_seeds():
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    study = {**STUDY, "seed_stride": 100, "runs": {"b": {"models": {"m1": {}, "m2": {"seed": 1}}}}}
+    s0 = ablation.run_config(base, study, "b", 0)
+    s3 = ablation.run_config(base, study, "b", 3)
+    assert s3["synthetic"]["seed"] == s0["synthetic"]["seed"] + 3 == base["synthetic"]["seed"] + 3
+    assert s3["train"]["seed"] == s0["train"]["seed"] + 300
+    assert s3["models"]["m2"]["seed"] == s0["models"]["m2"]["seed"] + 300
+    assert s0["synthetic"]["n_treatments"] == 120  # the screen section applies to every run
+    assert base["synthetic"]["n_treatments"] != 120  # the base config is not modified
+    assert "from" not in ablation.run_config(base, STUDY, "c", 0)
+
+
+def test_real_study_config_is_a_ladder():
+    """config/ablation.yaml and -gpu.yaml: every step changes what its label says, on one screen."""
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for name in ("ablation.yaml", "ablation-gpu.yaml"):
+        study = ablation.load_study(REPO / "config" / name)
+        assert int(study["seeds"]) >= 5, name
+        cfg = {r: ablation.run_config(base, study, r, 1) for r in study["runs"]}
+        for run, c in cfg.items():
+            assert int(c["rounds"]) >= ablation.rounds_needed(study, run), (name, run)
+            for section in ablation.SHARED_SECTIONS:  # the runs of a seed share the screen
+                assert c[section] == cfg["softmax_cell_type"][section], (name, run, section)
+            assert c["train"]["epochs"] == cfg["softmax_cell_type"]["train"]["epochs"]
+            assert c["finetune"] == cfg["softmax_cell_type"]["finetune"]
+        n = cfg["softmax_cell_type"]["synthetic"]["n_treatments"]
+        assert 30 <= n // 4 <= 100, (name, n)  # 30-100 treatments per plate
+        rows = {r["id"]: r for r in study["rows"]}
+
+        def train_diff(a, b, cfg=cfg, rows=rows):
+            ta, tb = cfg[rows[a]["run"]]["train"], cfg[rows[b]["run"]]["train"]
+            return {k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k)}
+
+        assert train_diff("cell_type", "experiment") == {"normalization"}
+        assert train_diff("experiment", "plate") == {"normalization"}
+        assert train_diff("plate", "arcface") == {"head"}
+        assert train_diff("arcface", "mean_teacher") == {"mean_teacher"}
+        # the single model is the ensemble's first model, trained the same way
+        assert cfg["arcface"]["models"]["m1"] == cfg["ensemble"]["models"]["m1"]
+        assert len(cfg["ensemble"]["models"]) == 2 and rows["ensemble"]["stage"] == "ensemble"
+        for arm, targets in (("pseudo_soft", "soft"), ("pseudo_hard", "hard")):
+            c = cfg[rows[arm]["run"]]
+            assert c["pseudo"]["targets"] == targets and rows[arm]["round"] == 1
+            assert study["runs"][rows[arm]["run"]]["from"] == "ensemble"
+            assert c["models"] == cfg["ensemble"]["models"] and c["train"] == cfg["ensemble"]["train"]
+        for method in ("paper", "exact", "groups"):
+            row = rows[f"balance_{method}"]
+            assert row["stage"] == f"balance:{method}" and row["run"] == "pseudo_soft" and row["round"] == 1
+        assert [r["paper"] for r in study["rows"][:3]] == [51.5, 62.9, 74.6]
+        assert all("paper" in r for r in study["rows"])  # a number or an explicit "not reported"
+        steps = {tuple(s) for s in study["steps"]}
+        assert ("pseudo_soft", "balance_paper") in steps and len(steps) == 10
+
+
+def test_unknown_key_stops_the_harness_naming_run_and_key():
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    study = {**STUDY, "runs": {"ok": {}, "bad": {"train.no_such_key": 1}}}
+    ablation.check_run_configs(base, study, ["ok"])
+    with pytest.raises(SystemExit, match=r"(?s)run 'bad'.*no_such_key"):
+        ablation.check_run_configs(base, study, ["ok", "bad"])
+
+
+# ---------------------------------------------------------------- running
+def test_schedule_respects_dependencies_and_priority():
+    order, lock = [], threading.Lock()
+
+    def task(name, pause=0.0):
+        def fn():
+            with lock:
+                order.append(("start", name))
+            time.sleep(pause)
+            with lock:
+                order.append(("end", name))
+            return name
+
+        return fn
+
+    tasks = {
+        "data": (task("data", 0.05), [], 10),
+        "low": (task("low"), ["data"], 1),
+        "high": (task("high", 0.05), ["data"], 5),
+        "child": (task("child"), ["high"], 9),
+    }
+    got = ablation.schedule(tasks, parallel=1)
+    assert got == ["data", "low", "high", "child"]  # in task order
+    starts = [n for kind, n in order if kind == "start"]
+    assert starts.index("data") == 0
+    assert order.index(("start", "child")) > order.index(("end", "high"))
+    assert starts.index("high") < starts.index("low")  # priority among ready tasks
+
+
+def test_schedule_reraises_and_stops():
+    ran = []
+
+    def boom():
+        raise RuntimeError("snakemake failed in X")
+
+    tasks = {"a": (boom, [], 1), "b": (lambda: ran.append("b"), ["a"], 1)}
+    with pytest.raises(RuntimeError, match="failed in X"):
+        ablation.schedule(tasks, parallel=2)
+    assert ran == []
+
+
+def test_copy_workdir_drops_later_rounds(tmp_path):
+    src = tmp_path / "src"
+    for rel in (
+        "results/round0/metrics.json",
+        "results/round1/metrics.json",
+        "results/round12/x",
+        "results/checkpoints/round0/c",
+        "results/checkpoints/round1/c",
+        "logs/round1/l",
+        "results/ablation/round0/balance_exact.json",
+        ".snakemake/metadata/m",
+        "config.yaml",
+    ):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("x")
+    ablation.copy_workdir(src, tmp_path / "dst", drop_rounds_from=1)
+    dst = tmp_path / "dst"
+    assert (dst / "results/round0/metrics.json").exists() and (dst / ".snakemake/metadata/m").exists()
+    for gone in ("results/round1", "results/round12", "results/checkpoints", "logs/round1",
+                 "results/ablation", "config.yaml"):  # fmt: skip
+        assert not (dst / gone).exists(), gone
+    (src / "results/round0/metrics.json").write_text("changed")
+    ablation.copy_workdir(src, dst, drop_rounds_from=1)  # an existing copy is kept
+    assert (dst / "results/round0/metrics.json").read_text() == "x"
+
+
+# ---------------------------------------------------------------- reading runs
+def _log(teacher):
+    n = len(teacher)
+    return pd.DataFrame(
+        {"epoch": range(1, n + 1), "val_acc_student": np.linspace(0.1, 0.5, n), "val_acc_teacher": teacher}
+    )
+
+
+def test_selected_epoch_is_best_teacher_else_last():
+    row = ablation.selected_epoch(_log([0.2, 0.6, 0.4, 0.6]))
+    assert row["epoch"] == 2  # the first best teacher epoch
+    row = ablation.selected_epoch(_log([np.nan] * 3))
+    assert row["epoch"] == 3  # no teacher: the last epoch
+
+
+def test_student_teacher_reads_fine_tuned_logs(tmp_path):
+    models = tmp_path / "results" / "round0" / "models"
+    for m, scope, teacher in (
+        ("m1", "all", [0.9, 0.9]),  # the shared model: not used when fine-tuned scopes exist
+        ("m1", "HUVEC", [0.5, 0.7]),
+        ("m1", "RPE", [0.3, 0.1]),
+        ("m2", "all", [np.nan, np.nan]),
+    ):
+        (models / m / scope).mkdir(parents=True)
+        _log(teacher).to_csv(models / m / scope / "log.csv", index=False)
+    student, teacher = ablation.student_teacher(tmp_path, 0, ["m1"])
+    assert teacher == pytest.approx(100 * (0.7 + 0.3) / 2)
+    assert student == pytest.approx(100 * (0.5 + 0.1) / 2)  # students at the selected epochs
+    student, teacher = ablation.student_teacher(tmp_path, 0, ["m2"])
+    assert student == pytest.approx(50.0) and math.isnan(teacher)  # no teacher: NaN, last epoch
+    assert all(math.isnan(x) for x in ablation.student_teacher(tmp_path, 0, ["ghost"]))
+
+
+def test_pseudo_entry_forms():
+    got = ablation.pseudo_entry(
+        {"pseudo_labels": {"validation": {"accuracy": 0.5}, "test": 0.25, "changed": 7}}
+    )
+    assert got == {"pseudo_validation": 50.0, "pseudo_test": 25.0, "pseudo_changed": 7.0}
+    assert all(math.isnan(v) for v in ablation.pseudo_entry({}).values())
+
+
 def _stage(name, kind, val, test, n=80):
     def split(acc):
         c = round(acc * n)
@@ -28,202 +366,47 @@ def _stage(name, kind, val, test, n=80):
     return {"stage": name, "kind": kind, "files": [], "n_wells": 2 * n, "splits": splits}
 
 
-def _metrics(round_, **stages):
-    return {
-        "round": round_,
-        "test_scored": True,
-        "stages": [_stage(k, "model" if k.startswith("m") else k, *v) for k, v in stages.items()],
-    }
-
-
-STUDY = {
-    "base": "config/config.yaml",
-    "runs": {"a": {"rounds": 1}, "b": {"rounds": 2}},
-    "rows": [
-        {"id": "a1", "group": "g", "label": "A", "run": "a", "stage": "m1", "paper": 50.0},
-        {"id": "b1", "group": "g", "label": "B", "run": "b", "stage": "ensemble"},
-        {"id": "b2", "group": "h", "label": "B round 1", "run": "b", "stage": "balanced", "round": 1},
-    ],
-    "expect": [["a1", "b1"], ["b1", "b2"]],
-}
-
-# fabricated metrics: run -> seed -> {round: metrics}
-METRICS = {
-    "a": {0: {0: _metrics(0, m1=(0.50, 0.40))}, 1: {0: _metrics(0, m1=(0.60, 0.50))}},
-    "b": {
-        0: {
-            0: _metrics(0, m1=(0.7, 0.6), ensemble=(0.75, 0.65), balanced=(0.9, 0.8)),
-            1: _metrics(1, m1=(0.7, 0.6), ensemble=(0.75, 0.65), balanced=(0.95, 0.9)),
-        },
-        1: {0: _metrics(0, m1=(0.7, 0.6), ensemble=(0.85, 0.75), balanced=(0.9, 0.8))},  # round 1 missing
-    },
-}
-
-
-def _metrics_of(run, seed):
-    return METRICS[run][seed]
-
-
-def test_set_dotted_replaces_and_checks_parents():
-    cfg = {"train": {"head": "arcface", "seed": 0}, "models": {"r10": {}, "r18": {}}}
-    ablation.set_dotted(cfg, "train.head", "softmax")
-    ablation.set_dotted(cfg, "models", {"r10": {"backbone": "resnet10t"}})
-    assert cfg == {"train": {"head": "softmax", "seed": 0}, "models": {"r10": {"backbone": "resnet10t"}}}
-    with pytest.raises(KeyError, match="nope"):
-        ablation.set_dotted(cfg, "nope.x", 1)
-
-
-def test_real_study_config_is_consistent():
-    study = ablation.load_study(REPO / "config" / "ablation.yaml")
-    base = yaml.safe_load((REPO / study["base"]).read_text())
-    cfgs = {r: ablation.run_config(base, study, r, 0) for r in study["runs"]}
-    for run, cfg in cfgs.items():
-        for section in ablation.SHARED_SECTIONS:
-            assert cfg[section] == base[section], (run, section)
-        assert int(cfg["rounds"]) >= ablation.rounds_needed(study, run)
-        # same training budget everywhere
-        assert cfg["train"]["epochs"] == base["train"]["epochs"]
-        assert cfg["finetune"] == base["finetune"]
-    # each rung of the ladder changes one thing of the previous run
-    order = ["norm_cell_type", "norm_experiment", "norm_plate", "arcface", "full"]
-    for prev, run in zip(order, order[1:], strict=False):
-        a, b = cfgs[prev]["train"], cfgs[run]["train"]
-        changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-        assert len(changed) == 1, (prev, run, changed)
-    # the single model of the one-model runs is the full run's first model, trained the same way
-    assert cfgs["arcface"]["models"] == {"r10": base["models"]["r10"]}
-    assert cfgs["full"]["models"]["r10"] == base["models"]["r10"] and len(cfgs["full"]["models"]) == 2
-
-
-def test_seed_repeats_shift_all_training_seeds():
-    study = ablation.load_study(REPO / "config" / "ablation.yaml")
-    base = yaml.safe_load((REPO / study["base"]).read_text())
-    s0 = ablation.run_config(base, study, "full", 0)
-    s2 = ablation.run_config(base, study, "full", 2)
-    stride = 2 * study["seed_stride"]
-    assert s2["train"]["seed"] == s0["train"]["seed"] + stride
-    for name, model in s0["models"].items():
-        if "seed" in model:
-            assert s2["models"][name]["seed"] == model["seed"] + stride
-    assert s2["synthetic"] == s0["synthetic"]
-    assert base["train"]["seed"] == s0["train"]["seed"]  # the base config is not modified
-
-
-def test_load_study_rejects_bad_configs(tmp_path):
-    def write(study):
-        path = tmp_path / "s.yaml"
-        path.write_text(yaml.safe_dump(study))
-        return path
-
-    bad = copy.deepcopy(STUDY)
-    bad["rows"][0]["run"] = "zzz"
-    with pytest.raises(ValueError, match="unknown run 'zzz'"):
-        ablation.load_study(write(bad))
-    bad = copy.deepcopy(STUDY)
-    bad["runs"]["a"]["synthetic.seed"] = 3
-    with pytest.raises(ValueError, match="share the screen"):
-        ablation.load_study(write(bad))
-    bad = copy.deepcopy(STUDY)
-    bad["expect"].append(["a1", "nope"])
-    with pytest.raises(ValueError, match="unknown row 'nope'"):
-        ablation.load_study(write(bad))
-    assert ablation.load_study(write(STUDY))["rows"][0]["id"] == "a1"
-
-
-def test_long_table_and_summary_over_seeds():
-    long = ablation.long_table(STUDY, _metrics_of, [0, 1])
-    # b2 (round 1) is missing for seed 1
-    assert sorted(zip(long["id"], long["seed"], strict=True)) == [
-        ("a1", 0),
-        ("a1", 1),
-        ("b1", 0),
-        ("b1", 1),
-        ("b2", 0),
-    ]
-    a1 = long[long["id"] == "a1"].sort_values("seed")
-    assert a1["validation"].tolist() == pytest.approx([50.0, 60.0])
-    assert a1["n_test"].tolist() == [80, 80]
-
-    table = ablation.summarise(STUDY, long).set_index("id")
-    assert list(table.index) == ["a1", "b1", "b2"]
-    assert table.loc["a1", "validation_mean"] == pytest.approx(55.0)
-    assert table.loc["a1", "validation_sd"] == pytest.approx(np.std([50, 60], ddof=1))
-    assert table.loc["a1", "test_mean"] == pytest.approx(45.0)
-    assert table.loc["a1", "pooled_mean"] == pytest.approx(50.0)  # (50 + 40) / 2 and (60 + 50) / 2
-    assert table.loc["a1", "n_pooled"] == 160
-    assert table.loc["a1", "paper"] == 50.0
-    assert table.loc["b1", "validation_mean"] == pytest.approx(80.0)
-    assert table.loc["b2", "seeds"] == 1 and math.isnan(table.loc["b2", "validation_sd"])
-    assert table.loc["b2", "round"] == 1 and table.loc["b2", "test_mean"] == pytest.approx(90.0)
-
-
-def test_unknown_stage_names_the_round_and_stages():
-    study = copy.deepcopy(STUDY)
-    study["rows"][0]["stage"] = "ghost"
+def test_stage_accuracy():
+    m = {"round": 0, "stages": [_stage("m1", "model", 0.5, None)]}
+    assert ablation.stage_accuracy(m, "m1", "validation") == pytest.approx(50.0)
+    assert math.isnan(ablation.stage_accuracy(m, "m1", "test"))
     with pytest.raises(KeyError, match="no stage 'ghost'"):
-        ablation.long_table(study, _metrics_of, [0])
+        ablation.stage_accuracy(m, "ghost", "test")
 
 
-def test_unscored_test_split_is_nan():
-    metrics = {"a": {0: {0: _metrics(0, m1=(0.5, None))}}}
-    study = {**STUDY, "rows": STUDY["rows"][:1], "expect": []}
-    long = ablation.long_table(study, lambda r, s: metrics[r][s], [0])
-    assert math.isnan(long["test"].iloc[0]) and long["n_test"].iloc[0] == 0
-    assert long["validation"].iloc[0] == pytest.approx(50.0)
-    assert long["pooled"].iloc[0] == pytest.approx(50.0) and long["n_pooled"].iloc[0] == 80
+def test_tables_from_fabricated_runs(tmp_path):
+    study = copy.deepcopy(STUDY)
+    rng = np.random.default_rng(0)
+    acc = {"a1": 40.0, "b1": 60.0, "c1": 61.0}
 
+    def read(row, seed):
+        if row["id"] == "c1" and seed == 2:
+            return None  # a run that has not finished
+        t = acc[row["id"]] + seed + rng.normal(0, 0.1)
+        return {"test": t, "validation": t - 5, "student": 30.0, "teacher": np.nan,
+                "pseudo_validation": np.nan, "pseudo_test": 70.0, "pseudo_changed": 3.0}  # fmt: skip
 
-def test_ordering_verdicts():
-    long = ablation.long_table(STUDY, _metrics_of, [0, 1])
-    table = ablation.summarise(STUDY, long)
-    checks = ablation.check_ordering(STUDY, table, "validation").set_index("higher")
-    # a1 55 -> b1 80 over 160 wells each: far beyond noise
-    assert checks.loc["b1", "verdict"] == "holds"
-    assert checks.loc["b1", "diff"] == pytest.approx(25.0)
-    # b1 80 (160 wells) -> b2 95 (80 wells): +15 against a binomial noise of hypot(3.2, 2.4) = 4.0
-    assert checks.loc["b2", "verdict"] == "holds"
-    assert checks.loc["b2", "noise"] == pytest.approx(4.0, abs=0.05)
-
-    table2 = table.copy()
-    table2.loc[table2["id"] == "b2", "validation_mean"] = 78.0
-    checks = ablation.check_ordering(STUDY, table2, "validation").set_index("higher")
-    assert checks.loc["b2", "verdict"] == "within noise"
-    table2.loc[table2["id"] == "b2", "validation_mean"] = 40.0
-    assert (
-        ablation.check_ordering(STUDY, table2, "validation").set_index("higher").loc["b2", "verdict"]
-        == "reversed"
-    )
-    table2.loc[table2["id"] == "b2", "validation_mean"] = np.nan
-    assert (
-        ablation.check_ordering(STUDY, table2, "validation").set_index("higher").loc["b2", "verdict"]
-        == "missing"
-    )
-
-
-def test_binomial_se():
-    assert ablation.binomial_se(50.0, 100) == pytest.approx(5.0)
-    assert ablation.binomial_se(100.0, 100) > 0  # floored, never claims zero noise
-    assert math.isnan(ablation.binomial_se(50.0, 0))
-
-
-def test_markdown_and_plot(tmp_path):
-    long = ablation.long_table(STUDY, _metrics_of, [0, 1])
-    table = ablation.summarise(STUDY, long)
-    checks = pd.concat([ablation.check_ordering(STUDY, table, s) for s in ablation.SCORES])
-    md = ablation.markdown(table, checks, footer="Command: `x`")
+    long = ablation.long_table(study, read, [0, 1, 2, 3, 4])
+    assert len(long) == 14
+    steps = ablation.step_table(long, study["steps"])
+    table = ablation.summarise(study, long, steps).set_index("id")
+    assert table.loc["a1", "seeds"] == 5 and table.loc["c1", "seeds"] == 4
+    assert table.loc["b1", "vs"] == "a1" and table.loc["a1", "vs"] == ""
+    assert table.loc["b1", "step_mean"] == pytest.approx(20.0, abs=0.3)
+    assert table.loc["b1", "verdict"] == "holds"
+    assert table.loc["c1", "step_n"] == 4
+    assert table.loc["b1", "paper"] == "not reported" and table.loc["a1", "paper"] == 50.0
+    md = ablation.markdown(table.reset_index(), steps, 5, footer="Command: `x`")
     lines = md.splitlines()
-    assert lines[0].startswith("| step | run | stage | round |")
-    assert "| A | a | m1 | 0 | 55.0 ± 7.1 | 45.0 ± 7.1 | 50.0 ± 7.1 | 50 |" in lines
-    assert "| B round 1 | b | balanced | 1 | 95.0 | 90.0 | 92.5 |  |" in lines
-    assert "| a1 < b1 | +25.0 | +25.0 | +25.0 (" in md and "holds |" in md
-    assert "Seeds per row: 1/2" in md and md.rstrip().endswith("Command: `x`")
-    ablation.plot(table, tmp_path / "p.png")
-    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert lines[0].startswith("| step | paper | test acc. % |")
+    b = next(line for line in lines if line.startswith("| B |"))
+    assert "| not reported |" in b and "| a1 |" in b and b.rstrip().endswith("| holds |")
+    assert "Holm" in md and md.rstrip().endswith("Command: `x`")
+    assert any(line.startswith("| C round 1 |") and "– / 70.0" in line for line in lines)
 
 
 def test_rebalanced_stage_scores_and_caches(tmp_path):
     from balance_cases import synthetic_case
-
     from deepnoise.ensemble import save_predictions
 
     sites, pred, truth = synthetic_case(n_classes=40, signal=2.0, seed=1, eval_dataset="test")
@@ -236,21 +419,14 @@ def test_rebalanced_stage_scores_and_caches(tmp_path):
     raw = ablation.rebalanced_stage(tmp_path, 0, "none")
     exact = ablation.rebalanced_stage(tmp_path, 0, "exact")
     assert raw["stage"] == "balance:none" and exact["kind"] == "balanced"
-    n = len(pred)
-    assert raw["splits"]["test"]["overall"]["n"] == n
+    assert raw["splits"]["test"]["overall"]["n"] == len(pred)
     assert exact["splits"]["test"]["overall"]["accuracy"] > raw["splits"]["test"]["overall"]["accuracy"]
     cache = res / "ablation" / "round0" / "balance_exact.json"
     assert json.loads(cache.read_text()) == exact
-    assert (res / "ablation" / "round0" / "exact" / "SYN.npz").exists()
-    # cached: a second call reads the JSON
     cache.write_text(json.dumps(exact | {"n_wells": -1}))
-    assert ablation.rebalanced_stage(tmp_path, 0, "exact")["n_wells"] == -1
-
-    metrics = {"round": 0, "test_scored": True, "stages": []}
-    (res / "round0" / "metrics.json").write_text(json.dumps(metrics))
-    study = {"rows": [{"id": "x", "run": "r", "stage": "balance:paper"}]}
-    loaded = ablation.load_run_metrics(tmp_path, study, "r")
-    assert [s["stage"] for s in loaded[0]["stages"]] == ["balance:paper"]
+    assert ablation.rebalanced_stage(tmp_path, 0, "exact")["n_wells"] == -1  # cached
+    with pytest.raises(RuntimeError, match="balance:nonsense"):
+        ablation.rebalanced_stage(tmp_path, 0, "nonsense")
 
 
 def test_footer_from_run_json(tmp_path):
@@ -258,16 +434,37 @@ def test_footer_from_run_json(tmp_path):
         ablation.footer_text(tmp_path / "run.json", "python x --table-only")
         == "Command: `python x --table-only`"
     )
-    info = {
-        "command": "python benchmarks/ablation.py --seeds 1",
-        "wall_minutes": 21.04,
-        "cores": 2,
-        "cpus": 2,
-    }
-    (tmp_path / "run.json").write_text(
-        json.dumps(info | {"machine": "x86_64", "runs": 6, "finished": "2026-01-01 10:00"})
-    )
+    info = {"command": "python benchmarks/ablation.py", "wall_minutes": 51.04, "cores": 2, "parallel": 2,
+            "cpus": 2, "machine": "x86_64", "runs": 40, "finished": "2026-01-01 10:00"}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(info))
     text = ablation.footer_text(tmp_path / "run.json", "python x --table-only")
     assert text.startswith(
-        "Command: `python benchmarks/ablation.py --seeds 1`; wall time 21.0 min with --cores 2"
+        "Command: `python benchmarks/ablation.py`; wall time 51.0 min with --cores 2 --parallel 2"
     )
+
+
+def test_run_one_copies_and_drops_checkpoints_of_finished_runs(tmp_path, monkeypatch):
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    work = tmp_path / "work"
+    (work / "seed0" / "data" / "results").mkdir(parents=True)
+    (work / "seed0" / "data" / "results" / "sites.csv").write_text("x")
+    calls = []
+
+    def fake_snakemake(wd, targets, cores, log):
+        calls.append((wd.name, list(targets)))
+        ck = wd / "results" / "checkpoints" / "round0" / "m1" / "all"
+        ck.mkdir(parents=True, exist_ok=True)
+        (ck / "last.pt").write_text("x")
+        return 1.0
+
+    monkeypatch.setattr(ablation, "snakemake", fake_snakemake)
+    study = {**STUDY, "runs": {"a": {"rounds": 2}}}
+    got = ablation.run_one(base, study, work, "a", 0, 1)
+    wd = work / "seed0" / "a"
+    assert got["run"] == "a" and calls == [
+        ("a", ["results/round0/metrics.json", "results/round1/metrics.json"])
+    ]
+    assert (wd / "results" / "sites.csv").exists() and (wd / "config.yaml").exists()
+    assert not (wd / "results" / "checkpoints").exists()
+    ablation.run_one(base, {**study, "keep_checkpoints": True}, work, "a", 0, 1)
+    assert (wd / "results" / "checkpoints" / "round0").exists()
