@@ -476,8 +476,8 @@ def pseudo_entry(metrics: dict) -> dict:
 
     def acc(split: str) -> float:
         v = entry.get(split)
-        if isinstance(v, dict):
-            v = v.get("accuracy")
+        if isinstance(v, dict):  # deepnoise metrics: {"all": {n, correct, accuracy}, "selected": ...}
+            v = (v.get("all") or {}).get("accuracy") if "all" in v else v.get("accuracy")
         return math.nan if v is None else 100.0 * float(v)
 
     changed = entry.get("changed", entry.get("n_changed"))

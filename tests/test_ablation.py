@@ -353,6 +353,10 @@ def test_pseudo_entry_forms():
     )
     assert got == {"pseudo_validation": 50.0, "pseudo_test": 25.0, "pseudo_changed": 7.0}
     assert all(math.isnan(v) for v in ablation.pseudo_entry({}).values())
+    # the workflow's own format (deepnoise.evaluate.pseudo_label_metrics)
+    real = {"all": {"n": 4, "correct": 3, "accuracy": 0.75}, "selected": {"n": 2, "correct": 2, "accuracy": 1.0}}
+    got = ablation.pseudo_entry({"pseudo_labels": {"validation": real, "test": real, "changed": 2}})
+    assert got == {"pseudo_validation": 75.0, "pseudo_test": 75.0, "pseudo_changed": 2.0}
 
 
 def _stage(name, kind, val, test, n=80):
@@ -407,6 +411,7 @@ def test_tables_from_fabricated_runs(tmp_path):
 
 def test_rebalanced_stage_scores_and_caches(tmp_path):
     from balance_cases import synthetic_case
+
     from deepnoise.ensemble import save_predictions
 
     sites, pred, truth = synthetic_case(n_classes=40, signal=2.0, seed=1, eval_dataset="test")
