@@ -354,7 +354,10 @@ def test_pseudo_entry_forms():
     assert got == {"pseudo_validation": 50.0, "pseudo_test": 25.0, "pseudo_changed": 7.0}
     assert all(math.isnan(v) for v in ablation.pseudo_entry({}).values())
     # the workflow's own format (deepnoise.evaluate.pseudo_label_metrics)
-    real = {"all": {"n": 4, "correct": 3, "accuracy": 0.75}, "selected": {"n": 2, "correct": 2, "accuracy": 1.0}}
+    real = {
+        "all": {"n": 4, "correct": 3, "accuracy": 0.75},
+        "selected": {"n": 2, "correct": 2, "accuracy": 1.0},
+    }
     got = ablation.pseudo_entry({"pseudo_labels": {"validation": real, "test": real, "changed": 2}})
     assert got == {"pseudo_validation": 75.0, "pseudo_test": 75.0, "pseudo_changed": 2.0}
 
