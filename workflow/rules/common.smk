@@ -307,12 +307,16 @@ _PLAN_CACHE = {}
 
 
 def png_fingerprint(wildcards):
-    """The plate folder's PNGs (names, sizes, mtimes): a changed, added or deleted PNG changes this
-    param and reruns exactly that plate's stack. The synthetic screen's PNGs are the `synthesize`
-    output, already upstream of every stack."""
+    """`--pngs` and the plate folder's PNGs (names, sizes, mtimes): a changed, added or deleted PNG
+    changes this param and reruns exactly that plate's stack. None for the synthetic screen: its PNGs
+    are the `synthesize` output, already upstream of every stack (and an empty word would vanish
+    from the command line)."""
     if SOURCE == "synthetic":
-        return ""
+        return []
     e = EXP[wildcards.experiment]
-    return md.png_fingerprint(
-        md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
-    )
+    return [
+        "--pngs",
+        md.png_fingerprint(
+            md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
+        ),
+    ]

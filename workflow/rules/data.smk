@@ -55,7 +55,7 @@ rule stack:
         pngs=png_fingerprint,
     shell:
         "python -m deepnoise stack --sites {input.sites:q} --experiment {wildcards.experiment:q}"
-        " --plate {wildcards.plate:q} --compression {params.compression:q} --pngs {params.pngs:q}"
+        " --plate {wildcards.plate:q} --compression {params.compression:q} {params.pngs:q}"
         " --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
