@@ -206,3 +206,8 @@ def report_outputs():
         "results/plots/plates.png",
         "results/plots/composites.png",
     ] + [f"results/plots/training_round{r}.png" for r in ROUNDS]
+
+
+def gpus_of(kind):
+    """GPUs per job of `kind` (`train`: train and finetune): the config's `gpus:`, default 1."""
+    return int(config.get("gpus", {}).get(kind, 1))

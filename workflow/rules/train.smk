@@ -18,12 +18,15 @@ rule train:
     conda:
         CONDA_ENV
     threads: threads_of("train")
+    resources:
+        gpu=gpus_of("train"),
     params:
         hparams=lambda wc: hparams_json(wc.model),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
         " --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -48,12 +51,15 @@ rule finetune:
     conda:
         CONDA_ENV
     threads: threads_of("train")
+    resources:
+        gpu=gpus_of("train"),
     params:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flag,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
         " --init {input.init:q} --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -75,10 +81,13 @@ rule predict:
     conda:
         CONDA_ENV
     threads: threads_of("predict")
+    resources:
+        gpu=1,
     params:
         experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
         " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
