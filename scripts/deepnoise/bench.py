@@ -3,7 +3,9 @@
 Full step = loader (HDF5 read in worker processes, pinned memory) + device copy + normalisation +
 augmentation + forward/backward/Adam + EMA teacher update, as in ``deepnoise train``. Model step =
 the same ``Trainer.step`` on one batch already on the device. Same run, same model; the ratio
-full/model shows whether data loading keeps up (goal >= 0.9).
+full/model shows whether data loading keeps up (goal >= 0.9). Each measurement is repeated
+``--repeats`` times (default 5), alternating the order (model, full, loader / loader, full, model);
+the median is reported with the min and max, and the ratio is the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -74,8 +76,18 @@ def _sync(rt: train.Runtime) -> None:
         torch.cuda.synchronize(rt.device)
 
 
+def summarize(key: str, values: list[float]) -> dict[str, float]:
+    """``key``: the median of ``values``; ``key_min``/``key_max``: their spread."""
+    v = sorted(values)
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {key: median, f"{key}_min": v[0], f"{key}_max": v[-1]}
+
+
 def bench_train(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
+    if args.repeats < 1:
+        raise InputError(f"bench train --repeats {args.repeats}: expected at least 1 (5 or more to decide)")
     rt = train.setup_runtime(args.device, args.threads)
     if rt.cuda:
         torch.backends.cudnn.benchmark = True
@@ -151,37 +163,57 @@ def bench_train(args: argparse.Namespace) -> dict:
         if rt.cuda:
             torch.cuda.reset_peak_memory_stats(rt.device)
 
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.step(lab, unl)
-        _sync(rt)
-        model_s = time.perf_counter() - t0
+        def model_step() -> float:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step(lab, unl)
+            _sync(rt)
+            return images_per_step * args.steps / (time.perf_counter() - t0)
 
-        # full step on a fresh iterator (as at an epoch start); the clock starts at its first batch
-        # (the workers' start, once per epoch, is reported apart)
-        t0 = time.perf_counter()
-        it = batches()
-        lab, unl = next(it)
-        first_batch_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        trainer.step(lab, unl)
-        n = 1
-        for lab, unl in it:
-            if n == args.steps:
-                break
-            trainer.step(lab, unl)
-            n += 1
-        _sync(rt)
-        full_s = time.perf_counter() - t0
+        def full_step() -> tuple[float, float]:
+            # a fresh iterator (as at an epoch start); the clock starts at its first batch (the
+            # workers' start, once per epoch, is reported apart as first_batch_s)
+            t0 = time.perf_counter()
+            it = batches()
+            batch = next(it)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            trainer.step(*batch)
+            n = 1
+            for batch in it:
+                if n == args.steps:
+                    break
+                trainer.step(*batch)
+                n += 1
+            _sync(rt)
+            return images_per_step * n / (time.perf_counter() - t0), first
 
-        t0 = time.perf_counter()
-        n_load = 0
-        for _ in batches():
-            n_load += 1
-            if n_load == args.steps:
-                break
-        _sync(rt)
-        load_s = time.perf_counter() - t0
+        def loader_only() -> float:
+            t0 = time.perf_counter()
+            n = 0
+            for _ in batches():
+                n += 1
+                if n == args.steps:
+                    break
+            _sync(rt)
+            return images_per_step * n / (time.perf_counter() - t0)
+
+        # Repeated, interleaved: the order alternates each repeat, so drift (clocks, thermal, other
+        # load) hits both sides alike; the ratio is taken per repeat (paired) and summarised.
+        runs: dict[str, list[float]] = {"model": [], "full": [], "loader": [], "first": [], "ratio": []}
+        for r in range(args.repeats):
+            order = ("model", "full", "loader") if r % 2 == 0 else ("loader", "full", "model")
+            got = {}
+            for kind in order:
+                if kind == "model":
+                    got["model"] = model_step()
+                elif kind == "full":
+                    got["full"], got["first"] = full_step()
+                else:
+                    got["loader"] = loader_only()
+            got["ratio"] = got["full"] / got["model"]
+            for k, v in got.items():
+                runs[k].append(v)
 
     result = {
         "backbone": args.backbone,
@@ -196,13 +228,18 @@ def bench_train(args: argparse.Namespace) -> dict:
         "channels_last": bool(cfg.channels_last and rt.cuda),
         "num_workers": cfg.num_workers,
         "verify_crc": bool(args.verify),
-        "model_step_images_per_s": images_per_step * args.steps / model_s,
-        "full_step_images_per_s": images_per_step * n / full_s,
-        "loader_only_images_per_s": images_per_step * n_load / load_s,
-        "first_batch_s": first_batch_s,
         "startup_s": startup_s,
+        "repeats": args.repeats,
     }
-    result["ratio_full_over_model"] = result["full_step_images_per_s"] / result["model_step_images_per_s"]
+    names = {
+        "model": "model_step_images_per_s",
+        "full": "full_step_images_per_s",
+        "loader": "loader_only_images_per_s",
+        "first": "first_batch_s",
+        "ratio": "ratio_full_over_model",
+    }
+    for kind, key in names.items():
+        result.update(summarize(key, runs[kind]))
     if rt.cuda:
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
     return result
@@ -213,7 +250,13 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"bench: unknown benchmark {args.bench_command!r}")
     result = bench_train(args)
     for key, value in result.items():
-        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
+        if key.endswith(("_min", "_max")):
+            continue
+        if f"{key}_min" in result:
+            spread = f"[min {result[key + '_min']:.4g}, max {result[key + '_max']:.4g}]"
+            print(f"{key:28s} {value:.4g}  median of {result['repeats']} {spread}")
+        else:
+            print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:
         write_text(args.json, json.dumps(result, indent=2) + "\n")
     if args.record:
@@ -253,6 +296,12 @@ def register(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     t.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    t.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="alternating repeats of each measurement (>= 5 to decide; medians and min/max printed)",
+    )
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--stacks", nargs="+", help="HDF5 plate stacks to read")
     src.add_argument("--synthetic", action="store_true", help="write a temporary random plate")

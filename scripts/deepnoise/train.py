@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,15 @@ from deepnoise import atomic, augment, checkpoint, data, inference, losses, mode
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
 from deepnoise.hparams import TrainConfig, add_runtime_arguments, load_hparams, with_runtime  # noqa: F401
+from deepnoise.runtime import (  # noqa: F401 (re-exported)
+    Runtime,
+    _barrier,
+    _visible_gpus,
+    ddp_launch_command,
+    launch,
+    select_device,
+    setup_runtime,
+)
 from deepnoise.weights import load_weights, save_weights
 
 log = logging.getLogger(__name__)
@@ -51,73 +59,6 @@ LOG_COLUMNS = [
     "seconds",
     "images_per_s",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices and distributed setup
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-
-def select_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when a device is visible (an empty ``CUDA_VISIBLE_DEVICES`` means CPU)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    has_cuda = visible is None or visible.strip() not in ("", "-1")
-    has_cuda = has_cuda and torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if not has_cuda:
-            raise InputError("--device cuda: no CUDA device is available")
-        return torch.device("cuda")
-    if requested != "auto":
-        raise InputError(f"--device: expected auto, cpu or cuda, got {requested!r}")
-    return torch.device("cuda" if has_cuda else "cpu")
-
-
-def setup_runtime(requested: str = "auto", threads: int | None = None) -> Runtime:
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = select_device(requested)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(0)
-            device = torch.device("cuda", 0)
-        return Runtime(device)
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, local_rank)
-
-
-def _barrier(rt: Runtime) -> None:
-    if rt.world > 1:
-        import torch.distributed as dist
-
-        if rt.cuda:
-            dist.barrier(device_ids=[rt.local_rank])
-        else:
-            dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,34 +670,12 @@ def run_training(
         _barrier(rt)
 
 
-def ddp_launch_command(argv: list[str], n_gpus: int) -> list[str]:
-    """The ``torchrun`` command that reruns this ``deepnoise`` invocation on ``n_gpus`` processes."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={n_gpus}",
-        "-m",
-        "deepnoise",
-        *argv,
-    ]
-
-
-def _visible_gpus(device: str) -> int:
-    if device == "cpu" or not torch.cuda.is_available():
-        return 0
-    return torch.cuda.device_count()
-
-
 def _main(args: argparse.Namespace) -> int:
     cfg = with_runtime(load_hparams(args.hparams), args)
-    n_gpus = _visible_gpus(args.device)
-    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        # A job given several GPUs (Slurm: gpu=N) trains with DDP, one process per GPU.
-        cmd = ddp_launch_command(sys.argv[1:], n_gpus)
-        log.info("%d GPUs visible: relaunching with DDP: %s", n_gpus, " ".join(cmd[:6]))
-        return subprocess.run(cmd, check=False).returncode
+    # claims this job's GPUs; several processes (GPUs, or DEEPNOISE_DDP_PROCESSES): DDP via torchrun
+    rc = launch(sys.argv[1:], args.device)
+    if rc is not None:
+        return rc
     run_training(
         sites=args.sites,
         classes=args.classes,

@@ -23,7 +23,7 @@ if grep -q '^slurmctld ' "$pids"; then
     fi
 fi
 
-# Reverse start order: slurmd, slurmctld, munged.
+# Reverse start order: slurmd, slurmctld, slurmdbd, mariadbd, munged.
 status=0
 while read -r name pid; do
     [[ $pid =~ ^[0-9]+$ ]] || continue
@@ -41,7 +41,13 @@ while read -r name pid; do
 done < <(tac "$pids")
 mv "$pids" "$pids.stopped"
 
-for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
+if [[ -f $state/mariadb-dir ]]; then
+    db=$(cat "$state/mariadb-dir")
+    [[ $db == /tmp/deepnoise-test-mariadb.* && -d $db ]] && rm -rf "$db"
+    rm -f "$state/mariadb-dir"
+fi
+
+for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf /etc/slurm/slurmdbd.conf; do
     grep -qs deepnoise-test-cluster "$f" && rm -f "$f"
 done
 exit $status

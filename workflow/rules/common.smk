@@ -320,3 +320,8 @@ def png_fingerprint(wildcards):
             md.plate_dir(SOURCE, DATA_ROOT, e.experiment, e.dataset, wildcards.plate)
         ),
     ]
+
+
+def gpus_of(kind):
+    """GPUs per job of `kind` (`train`: train and finetune): the config's `gpus:`, default 1."""
+    return int(config.get("gpus", {}).get(kind, 1))

@@ -47,6 +47,8 @@ rule stack:
         "results/stacks/{experiment}/Plate{plate}.h5",
     log:
         "logs/stacks/{experiment}_Plate{plate}.log",
+    group:
+        "plate"
     conda:
         CONDA_ENV
     threads: threads_of("stack")
@@ -66,6 +68,8 @@ rule plate_stats:
         "results/stats/plate/{experiment}/Plate{plate}.json",
     log:
         "logs/stats/{experiment}_Plate{plate}.log",
+    group:
+        "plate"
     conda:
         CONDA_ENV
     shell:

@@ -22,12 +22,14 @@ rule train:
     threads: threads_of("train")
     resources:
         runtime=forecast_runtime("train"),
+        gpu=gpus_of("train"),
     params:
         hparams=lambda wc: hparams_json(wc.model),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
         " --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -56,12 +58,14 @@ rule finetune:
     threads: threads_of("train")
     resources:
         runtime=forecast_runtime("finetune"),
+        gpu=gpus_of("train"),
     params:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
         " --init {input.init:q} --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -87,10 +91,12 @@ rule predict:
     threads: threads_of("predict")
     resources:
         runtime=forecast_runtime("predict"),
+        gpu=1,
     params:
         experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
     shell:
+        "DEEPNOISE_GPUS={resources.gpu} "
         "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
         " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
