@@ -16,7 +16,7 @@ import torch
 from deepnoise import data, inference, models
 from deepnoise.ensemble import Predictions, save_predictions
 from deepnoise.errors import InputError
-from deepnoise.train import setup_runtime
+from deepnoise.runtime import setup_runtime
 from deepnoise.weights import load_weights
 
 log = logging.getLogger(__name__)
