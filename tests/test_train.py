@@ -63,8 +63,10 @@ def test_resume_is_bit_identical(screen, tmp_path, caplog):
     assert list(a.columns) == train.LOG_COLUMNS and list(a["lr"]) == [2e-3, 2e-3, 1e-3]
     assert full["model_config"]["n_classes"] == screen.n_treatments + screen.n_controls
     assert not all(torch.equal(full["student"][k], full["teacher"][k]) for k in full["student"])
-    # a finished run's resume checkpoint is deleted with its weights written
+    # a finished run's resume checkpoint is deleted with its weights written, unless kept
     assert not (tmp_path / "cut" / "ckpt" / "last.pt").exists()
+    _run(screen, tmp_path / "kept", cfg={"epochs": 1, "keep_checkpoint": True})
+    assert (tmp_path / "kept" / "ckpt" / "last.pt").exists()
 
 
 def test_tiny_model_beats_chance(screen, tmp_path):

@@ -665,7 +665,7 @@ def run_training(
                 sel["rule"],
                 sel["val_acc"],
             )
-            if not keep_checkpoint:
+            if not (keep_checkpoint or cfg.keep_checkpoint):
                 checkpoint.remove(checkpoint_dir)
         _barrier(rt)
 
@@ -691,7 +691,6 @@ def _main(args: argparse.Namespace) -> int:
         pseudo_labels=args.pseudo_labels,
         soft_targets=args.soft_targets,
         round_=args.round,
-        keep_checkpoint=args.keep_checkpoint,
         device=args.device,
         threads=args.threads,
     )
@@ -717,11 +716,6 @@ def register(subparsers) -> None:
         "--soft-targets", nargs="+", help="ensemble npz files of the previous round (soft targets)"
     )
     p.add_argument("--round", type=int, default=0, help="pseudo-label round (seeds the run)")
-    p.add_argument(
-        "--keep-checkpoint",
-        action="store_true",
-        help="keep the resume checkpoint once the weights are written (default: delete it)",
-    )
     p.add_argument("--out-weights", required=True)
     p.add_argument("--out-log", required=True)
     p.add_argument("--checkpoint-dir", required=True)
