@@ -136,7 +136,7 @@ class Submission:
 
 _HEADER = re.compile(r"^(local)?rule (\w+):\n((?:    .*\n)*)", re.M)
 _SUBMITTED = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
-GROUPED = {"stack", "plate_stats"}  # group "plate" (workflow/rules/data.smk)
+GROUPED = {"stack", "plate_stats"}  # group "plate" (profiles/slurm: groups)
 GROUP_COMPONENTS = 8  # profiles/slurm: group-components plate=8
 
 

@@ -47,8 +47,6 @@ rule stack:
         "results/stacks/{experiment}/Plate{plate}.h5",
     log:
         "logs/stacks/{experiment}_Plate{plate}.log",
-    group:
-        "plate"
     conda:
         CONDA_ENV
     threads: threads_of("stack")
@@ -68,8 +66,6 @@ rule plate_stats:
         "results/stats/plate/{experiment}/Plate{plate}.json",
     log:
         "logs/stats/{experiment}_Plate{plate}.log",
-    group:
-        "plate"
     conda:
         CONDA_ENV
     shell:
