@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 from workflow_utils import REPO, load_tiny, snakemake, write_config
 
@@ -106,6 +107,7 @@ def test_recipe_leaves_out_the_runtime_knobs_and_the_job_takes_them_as_flags():
         "amp",
         "channels_last",
         "cudnn_benchmark",
+        "keep_checkpoint",
     }
     assert not set(hparams.recipe(cfg, "r10")) & set(hparams.RUNTIME_KEYS)
     words = hparams.runtime_args({**cfg["train"], "num_workers": 3, "amp": False})
@@ -258,12 +260,19 @@ def _one_labelled_u2os(root: Path, layout_name: str) -> Path:
     if layout_name == "rxrx1":
         df.to_csv(root / "metadata.csv", index=False)
         return root
-    train = df[df["dataset"] == "train"].drop_duplicates("well_id")
-    kaggle = train.rename(columns={"well_id": "id_code", "sirna_id": "sirna"})
-    kaggle[["id_code", "experiment", "plate", "well", "sirna"]].to_csv(root / "train.csv", index=False)
-    kaggle.head(0)[["id_code", "experiment", "plate", "well"]].to_csv(root / "test.csv", index=False)
-    for name in ("train_controls.csv", "test_controls.csv"):
-        (root / name).write_text("id_code,experiment,plate,well,sirna,well_type\n")
+    # the Kaggle layout needs test wells (a header-only test.csv is refused as an empty input): a copy
+    # of HUVEC-01 as the unlabelled HUVEC-03
+    wells = df.drop_duplicates("well_id").rename(columns={"well_id": "id_code", "sirna_id": "sirna"})
+    test = wells[wells["experiment"] == "HUVEC-01"].assign(experiment="HUVEC-03", dataset="test")
+    test["id_code"] = test["id_code"].str.replace("HUVEC-01", "HUVEC-03")
+    wells = pd.concat([wells, test], ignore_index=True)
+    treat = wells["well_type"] == "treatment"
+    cols = ["id_code", "experiment", "plate", "well"]
+    wells[treat & (wells["dataset"] == "train")][[*cols, "sirna"]].to_csv(root / "train.csv", index=False)
+    wells[treat & (wells["dataset"] == "test")][cols].to_csv(root / "test.csv", index=False)
+    for dataset in ("train", "test"):
+        controls = wells[~treat & (wells["dataset"] == dataset)][[*cols, "sirna", "well_type"]]
+        controls.to_csv(root / f"{dataset}_controls.csv", index=False)
     return root
 
 
