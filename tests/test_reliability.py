@@ -68,7 +68,7 @@ BAD_CONFIGS = {
     ),
     "unknown synthetic key": (
         {"synthetic.pixel_nois": 3.0},
-        r"config synthetic: unknown key 'pixel_nois' \(did you mean pixel_noise\?\)",
+        r"config synthetic: unknown key 'pixel_nois' \(did you mean pixel_noise[,?]",
     ),
     "validation experiment that is not labelled": (
         {"split.validation_experiments": ["HUVEC-03"]},

@@ -29,7 +29,7 @@ rule train:
         pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
     shell:
-        "DEEPNOISE_GPUS={resources.gpu} "
+        "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
         " --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -65,7 +65,7 @@ rule finetune:
         pseudo=pseudo_flags,
         checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
     shell:
-        "DEEPNOISE_GPUS={resources.gpu} "
+        "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
         " --init {input.init:q} --sites {input.sites:q} --classes {input.classes:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q}"
@@ -96,7 +96,7 @@ rule predict:
         experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
     shell:
-        "DEEPNOISE_GPUS={resources.gpu} "
+        "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
         " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
