@@ -325,3 +325,12 @@ def png_fingerprint(wildcards):
 def gpus_of(kind):
     """GPUs per job of `kind` (`train`: train and finetune): the config's `gpus:`, default 1."""
     return int(config.get("gpus", {}).get(kind, 1))
+
+
+def provenance_config():
+    """The config the report records: everything but the runtime knobs, which change speed, never
+    results (so changing one reruns nothing, not even the provenance page)."""
+    recipe = json.loads(json.dumps(config, default=str))
+    for key in training_keys.RUNTIME_KEYS:
+        recipe["train"].pop(key, None)
+    return json.dumps(recipe, sort_keys=True)

@@ -120,7 +120,7 @@ rule provenance:
     conda:
         CONDA_ENV
     params:
-        config=json.dumps(config, sort_keys=True, default=str),
+        config=provenance_config(),
         repo=workflow.basedir,
     shell:
         "python -m deepnoise report-provenance --config-json {params.config:q} --repo {params.repo:q}"
