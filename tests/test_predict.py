@@ -33,6 +33,25 @@ def _args(screen, weights, out, experiments=("HUVEC-02", "HUVEC-03"), cell_type=
     ]  # fmt: skip
 
 
+def _reference(screen, weights, well_id: str, n_views: int) -> np.ndarray:
+    """The selected model's softmax over the treatment logits of one well, averaged over its 2
+    sites and the first ``n_views`` dihedral views, computed directly."""
+    from deepnoise.augment import dihedral
+
+    state = torch.load(weights, weights_only=True)
+    net = models.build_model(state["model_config"]).eval()
+    net.load_state_dict(state["model"])
+    index = data.StackIndex.build(screen.stacks)
+    wells = index.locate(data.well_table(data.read_sites(screen.sites)))
+    mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
+    i = int(np.flatnonzero(wells["well_id"] == well_id)[0])
+    img, norm_idx, _, _ = data.StackDataset(index.files, wells)[i]
+    x = data.normalize_batch(img[None], torch.tensor([norm_idx]), torch.tensor(mean), torch.tensor(std))[0]
+    with torch.no_grad():
+        views = torch.cat([dihedral(x, k) for k in range(n_views)])
+        return net(views)[:, : screen.n_treatments].softmax(1).mean(0).numpy()
+
+
 def test_predict_npz_format_and_tta(trained, tmp_path):
     screen, weights = trained
     out = tmp_path / "p.npz"
@@ -48,21 +67,19 @@ def test_predict_npz_format_and_tta(trained, tmp_path):
     np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
     assert set(z["dataset"].tolist()) == {"train", "test"} and z["plate"].dtype.kind == "U"
     # reference: the selected model's softmax over treatment logits, mean of 2 sites x 8 views
-    state = torch.load(weights, weights_only=True)
-    net = models.build_model(state["model_config"]).eval()
-    net.load_state_dict(state["model"])
-    index = data.StackIndex.build(screen.stacks)
-    wells = index.locate(data.well_table(data.read_sites(screen.sites)))
-    mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
-    i = int(np.flatnonzero(wells["well_id"] == z["well_id"][3])[0])
-    img, norm_idx, _, _ = data.StackDataset(index.files, wells)[i]
-    x = data.normalize_batch(img[None], torch.tensor([norm_idx]), torch.tensor(mean), torch.tensor(std))[0]
-    from deepnoise.augment import dihedral
+    np.testing.assert_allclose(z["probs"][3], _reference(screen, weights, z["well_id"][3], 8), atol=1e-5)
 
-    with torch.no_grad():
-        views = torch.cat([dihedral(x, k) for k in range(8)])
-        p = net(views)[:, : screen.n_treatments].softmax(1).mean(0)
-    np.testing.assert_allclose(z["probs"][3], p.numpy(), atol=1e-5)
+
+def test_predict_without_tta_is_the_unaugmented_view(trained, tmp_path):
+    """``--no-tta`` (config predict.tta: false) averages the two sites of the image as it is, only."""
+    screen, weights = trained
+    out = tmp_path / "p1.npz"
+    assert cli.main([*_args(screen, weights, out), "--no-tta"]) == 0
+    z = np.load(out)
+    np.testing.assert_allclose(z["probs"][3], _reference(screen, weights, z["well_id"][3], 1), atol=1e-5)
+    tta = tmp_path / "p8.npz"
+    assert cli.main(_args(screen, weights, tta)) == 0
+    assert not np.allclose(np.load(tta)["probs"], z["probs"], atol=1e-4)
 
 
 def test_predict_errors(trained, tmp_path):

@@ -11,7 +11,7 @@ import json
 
 import pandas as pd
 import pytest
-from workflow_utils import copy_run, load_tiny, plan, snakemake, write_config
+from workflow_utils import copy_run, load_tiny, plan, result_files, same_content, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,24 @@ def test_run_outputs(finished):
         assert m
     for png in ("accuracy", "balancing", "plates", "composites", "training_round0"):
         assert (workdir / f"results/plots/{png}.png").stat().st_size > 1000
+
+
+def test_results_do_not_depend_on_cores_job_order_or_loader_workers(finished, tmp_path):
+    """Bit-reproducible CPU runs: the fixture's run (``--cores 2``, two jobs at a time, one loader
+    worker per loader) and a run with ``--cores 1`` (one job at a time: another job order) and no
+    loader worker processes write the same results, weights and probabilities bit for bit. What a
+    result does depend on besides the config: the threads of its job (``threads.*``, capped by
+    ``--cores``), see docs/figures.md."""
+    workdir, cfg = finished
+    other = tmp_path / "serial"
+    other.mkdir()
+    cfg = load_tiny(cell_types=["HUVEC"], **{"train.num_workers": 0})
+    snakemake(other, "--cores", "1", "--configfile", str(write_config(other, cfg)))
+    ours, theirs = result_files(other), result_files(workdir)
+    assert ours.keys() == theirs.keys(), sorted(set(ours) ^ set(theirs))
+    assert any(k.endswith("weights.pt") and "round1" in k for k in ours), sorted(ours)
+    differ = [k for k in ours if not same_content(ours[k], theirs[k])]
+    assert not differ, f"results differ between --cores 2 and --cores 1 / no loader workers: {differ}"
 
 
 def test_nothing_to_do_after_a_run(finished, tmp_path):

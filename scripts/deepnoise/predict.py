@@ -1,5 +1,5 @@
 """``deepnoise predict``: probabilities per well of the selected model (the teacher with the mean
-teacher), averaged over both sites and 8 dihedral views.
+teacher), averaged over both sites and (with test-time augmentation, the default) 8 dihedral views.
 
 Predicted wells: the treatment wells of ``--experiments`` (of ``--cell-type``) in the site table.
 The model and its normalisation mode come from the weights file.
@@ -112,6 +112,7 @@ def _main(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         num_workers=args.num_workers,
+        tta=args.tta,
     )
     return 0
 
@@ -131,9 +132,15 @@ def register(subparsers) -> None:
         "--batch-size",
         type=int,
         default=32,
-        help="sites per forward pass (even: both sites of a well), x8 views",
+        help="sites per forward pass (even: both sites of a well), x8 views with --tta",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average the 8 dihedral views of each site (--no-tta: the image as it is, 8x faster)",
+    )
     p.set_defaults(func=_main)

@@ -95,9 +95,10 @@ rule predict:
     params:
         experiments=lambda wc: predicted_experiments(wc.cell_type),
         batch_size=int(config["predict"]["batch_size"]),
+        tta="--tta" if config["predict"]["tta"] else "--no-tta",
     shell:
         "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
         " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
-        " --threads {threads} --out {output:q} > {log:q} 2>&1"
+        " {params.tta} --threads {threads} --out {output:q} > {log:q} 2>&1"
