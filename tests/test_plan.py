@@ -63,6 +63,14 @@ def test_tiny_job_counts_equal_the_dry_run(tmp_path):
     # predict: validation + test experiment of the cell type, 8 treatment wells, 2 sites, 8 views
     pred = next(c for c in costs if c.rule == "predict")
     assert pred.forward_images == 2 * 4 * 2 * 2 * 8
+    # predict.tta: false -> one view per site
+    facts = plan.dry_run(
+        str(write_config(tmp_path, load_tiny(**{"predict.tta": False}))), SNAKEFILE, str(tmp_path)
+    )[1]
+    one = plan.screen_from_facts(facts)
+    assert one.tta_views == 1 and screen.tta_views == 8
+    pred1 = next(c for c in plan.forecast(jobs, one, plan.read_table(), "cpu", 1)[1] if c.rule == "predict")
+    assert pred1.forward_images == pred.forward_images // 8
 
 
 def test_rxrx1_job_counts_equal_the_dry_run(tmp_path):

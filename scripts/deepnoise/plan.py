@@ -154,6 +154,7 @@ class Screen:
     finetune_hparams: dict[str, dict]
     wells: dict[str, tuple[int, int]] = field(default_factory=dict)  # experiment -> (all, treatment)
     sites_per_well: int = 2
+    tta_views: int = TTA_VIEWS  # views per site at prediction (config predict.tta: 8, else 1)
 
 
 def well_counts(source: str, root: str, synthetic: dict, experiments) -> tuple[dict, int]:
@@ -254,7 +255,7 @@ def job_cost(screen: Screen, table: list[dict], device: str, rule: str, wildcard
             for e in _scope(screen, scope)
             if screen.experiments[e][1] == "test" or e in screen.val_experiments
         ]
-        job.forward_images = sum(screen.wells[e][1] for e in exps) * screen.sites_per_well * TTA_VIEWS
+        job.forward_images = sum(screen.wells[e][1] for e in exps) * screen.sites_per_well * screen.tta_views
         mean_teacher = False
     else:
         job.train_images, job.forward_images = training_images(screen, hp, scope, round_)
@@ -337,6 +338,7 @@ def screen_from_facts(facts: dict) -> Screen:
         cell_types=list(facts["cell_types"]),
         hparams=facts["hparams"],
         finetune_hparams=facts["finetune_hparams"],
+        tta_views=TTA_VIEWS if facts["config"]["predict"]["tta"] else 1,
     )
     screen.wells, screen.sites_per_well = well_counts(
         facts["source"], facts["root"], facts["synthetic"], list(screen.experiments)
@@ -424,8 +426,9 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
             lines.append(f"  {row}" + (f"  [extrapolated: {extra}]" if extra else ""))
     lines.append(
         f"images: training-step images (labelled + unlabelled) x epochs, plus forward-only images"
-        f" (validation, {TTA_VIEWS} test-time views per site at prediction, at {FORWARD_SPEEDUP:g}x the"
-        f" training rate); limit: the Slurm time limit of the longest job (forecast x {margin:g}, attempt 1)"
+        f" (validation, {TTA_VIEWS} test-time views per site at prediction with predict.tta, else 1;"
+        f" at {FORWARD_SPEEDUP:g}x the training rate); limit: the Slurm time limit of the longest job"
+        f" (forecast x {margin:g}, attempt 1)"
     )
     return "\n".join(lines)
 
