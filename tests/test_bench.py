@@ -35,3 +35,11 @@ def test_bench_train_repeats_alternate_and_print_spreads(tmp_path, capsys, monke
     assert "".join(pattern) == "mmff" + "ffmm" + "mmff" + "ffmm" + "mmff", pattern
     assert cli.main([*args, "--device", "cpu", "--repeats", "0"]) == 2
     assert "--repeats 0: expected at least 1" in capsys.readouterr().err
+
+
+def test_bench_train_compile_is_refused_on_cpu(capsys):
+    """`--compile` (train.compile) measures torch.compile on a GPU; on CPU it stops with the key."""
+    args = ["bench", "train", "--backbone", "resnet10t", "--input-size", "16", "--batch-size", "4"]
+    args += ["--steps", "1", "--warmup", "1", "--synthetic", "--num-workers", "0", "--threads", "1"]
+    assert cli.main([*args, "--device", "cpu", "--repeats", "1", "--compile"]) == 2
+    assert "train.compile: true needs a CUDA device" in capsys.readouterr().err

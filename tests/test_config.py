@@ -107,6 +107,7 @@ def test_recipe_leaves_out_the_runtime_knobs_and_the_job_takes_them_as_flags():
         "amp",
         "channels_last",
         "cudnn_benchmark",
+        "compile",
         "keep_checkpoint",
     }
     assert not set(hparams.recipe(cfg, "r10")) & set(hparams.RUNTIME_KEYS)

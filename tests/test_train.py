@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import sys
@@ -250,6 +251,19 @@ def test_no_teacher_without_mean_teacher(screen, tmp_path):
     mc = {**train.models.model_config(cfg, 9, 6)}
     trainer = train.Trainer(cfg, mc, rt, np.zeros((1, 6)), np.ones((1, 6)), 2)
     assert trainer.teacher is None and [n for n, _ in trainer.networks()] == ["student"]
+
+
+def test_compile_is_refused_on_cpu_with_its_key(screen, tmp_path):
+    """train.compile (a CUDA speed knob) is refused for CPU training, naming the key and the fix."""
+    cfg = train.TrainConfig.from_dict({**TINY, "compile": True})
+    rt = train.setup_runtime("cpu", 1)
+    mc = {**train.models.model_config(cfg, 9, 6)}
+    with pytest.raises(InputError, match=r"train.compile: true needs a CUDA device.*train.compile: false"):
+        train.Trainer(cfg, mc, rt, np.zeros((1, 6)), np.ones((1, 6)), 2)
+    eager = train.Trainer(
+        dataclasses.replace(cfg, compile=False), mc, rt, np.zeros((1, 6)), np.ones((1, 6)), 2
+    )
+    assert eager.forward_student is eager.student and eager.forward_teacher is eager.teacher
 
 
 class _FakeTrainer:

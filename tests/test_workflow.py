@@ -98,6 +98,7 @@ def test_runtime_knobs_plan_no_job(finished, tmp_path):
         "train.amp": False,
         "train.channels_last": False,
         "train.cudnn_benchmark": False,
+        "train.compile": True,
     }
     assert changed(finished, tmp_path, **knobs) == []
 

@@ -119,6 +119,7 @@ def bench_train(args: argparse.Namespace) -> dict:
                 "num_workers": args.num_workers,
                 "amp": args.amp,
                 "channels_last": args.channels_last,
+                "compile": args.compile,
                 "mean_teacher": args.mean_teacher,
                 "head": args.head,
             }
@@ -226,6 +227,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "amp_bf16": bool(cfg.amp and rt.cuda),
         "channels_last": bool(cfg.channels_last and rt.cuda),
+        "compile": bool(cfg.compile),
         "num_workers": cfg.num_workers,
         "verify_crc": bool(args.verify),
         "startup_s": startup_s,
@@ -318,6 +320,12 @@ def register(subparsers) -> None:
     t.add_argument("--mean-teacher", action=argparse.BooleanOptionalAction, default=False)
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 on CUDA")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the training forward passes (CUDA only; train.compile)",
+    )
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", help="also write the results as JSON")

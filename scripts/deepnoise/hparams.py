@@ -181,6 +181,11 @@ class TrainConfig:
     amp: bool = key(True, "bfloat16 autocast on CUDA (ignored on CPU).", runtime=True)
     channels_last: bool = key(True, "channels_last memory format on CUDA (ignored on CPU).", runtime=True)
     cudnn_benchmark: bool = key(True, "torch.backends.cudnn.benchmark on CUDA.", runtime=True)
+    compile: bool = key(
+        False,
+        "torch.compile the student's and teacher's training forward passes (CUDA only: refused on CPU).",
+        runtime=True,
+    )
     val_batch_size: int = key(64, "Wells per validation batch (two sites each).", ge=1, runtime=True)
     keep_checkpoint: bool = key(
         False,

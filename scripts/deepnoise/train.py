@@ -115,6 +115,9 @@ class Trainer:
             self.forward_student = DistributedDataParallel(
                 self.student, device_ids=[rt.local_rank] if rt.cuda else None
             )
+        self.forward_teacher = self.teacher
+        if cfg.compile:
+            self.compile_forwards()
         self.optimizer = torch.optim.Adam(
             self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=rt.cuda or None
         )
@@ -182,6 +185,18 @@ class Trainer:
             net.train()
         return lr
 
+    def compile_forwards(self) -> None:
+        """``train.compile``: the training forward passes through ``torch.compile`` (the modules,
+        their parameters and the saved state dicts stay the uncompiled ones)."""
+        if not self.rt.cuda:
+            raise InputError(
+                "train.compile: true needs a CUDA device; torch.compile is not used for CPU training "
+                "(set train.compile: false, or run the job on a GPU)"
+            )
+        self.forward_student = torch.compile(self.forward_student)
+        if self.teacher is not None:
+            self.forward_teacher = torch.compile(self.teacher)
+
     def view(self, x: torch.Tensor, norm_idx: torch.Tensor) -> torch.Tensor:
         """A normalised, augmented training view of a uint8 batch already on the device."""
         x = data.normalize_batch(x, norm_idx, self.mean, self.std, self.cfg.norm_jitter, self.gen)
@@ -243,7 +258,7 @@ class Trainer:
                 torch.no_grad(),
                 torch.autocast(self.rt.device.type, dtype=torch.bfloat16, enabled=self.autocast),
             ):
-                teacher_logits = self.teacher(teacher_in)
+                teacher_logits = self.forward_teacher(teacher_in)
             loss_cons = losses.consistency_loss(logits, teacher_logits.float())
             loss = loss + weight * loss_cons
         self.optimizer.zero_grad(set_to_none=True)
