@@ -12,10 +12,10 @@ import timm
 import torch
 
 
-def probe(threads: int, steps: int = 15, size: int = 64) -> tuple[str, float]:
+def probe(threads: int, steps: int = 15, size: int = 64, backbone: str = "resnet10t") -> tuple[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = timm.create_model("resnet10t", pretrained=False, num_classes=40, in_chans=6)
+    net = timm.create_model(backbone, pretrained=False, num_classes=40, in_chans=6)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -35,9 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--backbone", default="resnet10t")
     args = ap.parse_args()
-    digest, loss = probe(args.threads, args.steps)
-    print(f"threads {args.threads}: state {digest}, last loss {loss:.6f}")
+    digest, loss = probe(args.threads, args.steps, backbone=args.backbone)
+    print(f"{args.backbone}, threads {args.threads}: state {digest}, last loss {loss:.6f}")
 
 
 if __name__ == "__main__":
