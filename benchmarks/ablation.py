@@ -282,7 +282,7 @@ def snakemake(workdir: Path, targets: Sequence[str], cores: int, log: Path) -> f
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", str(cores), *targets,
+        "--configfile", str(workdir / "config.yaml"), "--cores", str(cores), "--rerun-incomplete", *targets,
     ]  # fmt: skip
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -660,15 +660,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(cfg["rounds"]) * len(cfg["models"]) * (2 if cfg["train"].get("mean_teacher") else 1)
 
         for s in seeds:
-            tasks[("data", s)] = (lambda s=s: prepare_data(base, study, work, s, cores), [], 1000 - s)
+            tasks[("data", s)] = (
+                lambda s=s: prepare_data(base, study, work, s, cores),
+                [],
+                1000 * (n_seeds - s) + 500,
+            )
             for r in runs:
                 src = (study["runs"][r] or {}).get("from")
                 deps = [("data", s)] + ([(src, s)] if src else [])
                 if src and src not in runs:
                     ap.error(f"run {r!r} starts from run {src!r}: include it in --runs")
                 fn = lambda r=r, s=s: run_one(base, study, work, r, s, cores)  # noqa: E731
-                tasks[(r, s)] = (fn, deps, cost(r) + (100 if any(
-                    (study["runs"][x] or {}).get("from") == r for x in runs) else 0) - s)  # fmt: skip
+                # seed by seed (a run cut short leaves whole seeds, every step paired on them); in a
+                # seed, runs that others start from first, then the costly ones
+                feeds = any((study["runs"][x] or {}).get("from") == r for x in runs)
+                tasks[(r, s)] = (fn, deps, 1000 * (n_seeds - s) + cost(r) + (100 if feeds else 0))
         print(f"{len(tasks)} tasks ({n_seeds} seeds), {parallel} at a time, --cores {cores} each", flush=True)
         timings = schedule(tasks, parallel)
     wall = time.perf_counter() - t0
