@@ -48,8 +48,9 @@ def run_predict(
     net = models.build_model(mc)
     net.load_state_dict(state["model"])  # the selected network: teacher with the mean teacher
     net.to(rt.device)
-    channels_last = bool(state.get("hparams", {}).get("channels_last", True))
-    amp = bool(state.get("hparams", {}).get("amp", True))
+    runtime = {**state.get("hparams", {}), **state.get("runtime", {})}  # older files: all in hparams
+    channels_last = bool(runtime.get("channels_last", True))
+    amp = bool(runtime.get("amp", True))
     if channels_last and rt.cuda:
         net = net.to(memory_format=torch.channels_last)
 

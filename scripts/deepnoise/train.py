@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from deepnoise import atomic, augment, checkpoint, data, inference, losses, models, pseudo
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
-from deepnoise.hparams import TrainConfig, add_runtime_arguments, load_hparams, with_runtime  # noqa: F401
+from deepnoise.hparams import (  # noqa: F401
+    RUNTIME_KEYS,
+    TrainConfig,
+    add_runtime_arguments,
+    load_hparams,
+    with_runtime,
+)
 from deepnoise.runtime import (  # noqa: F401 (re-exported)
     Runtime,
     _barrier,
@@ -550,9 +556,12 @@ def weights_record(
     else:
         model = cpu_state(trainer.selected_net)
         selected = {"epoch": int(cfg.epochs) - 1, "val_acc": float("nan"), "rule": "last epoch"}
+    settings = dataclasses.asdict(cfg)
     return {
         "model_config": trainer.model_cfg,
-        "hparams": dataclasses.asdict(cfg),
+        # the recipe; the runtime knobs apart, so that they never make two equal models' files differ
+        "hparams": {k: v for k, v in settings.items() if k not in RUNTIME_KEYS},
+        "runtime": {k: settings[k] for k in RUNTIME_KEYS},
         "model": model,
         "student": cpu_state(trainer.student),
         "teacher": cpu_state(trainer.teacher) if trainer.teacher is not None else None,
