@@ -118,6 +118,10 @@ def same_content(a: Path, b: Path) -> bool:
         import torch
 
         x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+        # `runtime`: the runtime knobs the training ran with (loader workers, AMP, ...), a record of
+        # how, not part of the result
+        if isinstance(x, dict) and isinstance(y, dict):
+            x, y = ({k: v for k, v in d.items() if k != "runtime"} for d in (x, y))
         return _same_tree(x, y)
     if a.suffix == ".json":
         return json.loads(a.read_text()) == json.loads(b.read_text())
