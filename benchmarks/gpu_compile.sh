@@ -3,7 +3,8 @@
 # Side by side in one run: eager vs torch.compile (train.compile / bench --compile) vs a larger batch,
 # for legacy_xception and xception_wide, with and without the mean teacher, at 512 px, 5 alternating
 # repeats each (median, min, max), the loader ratio printed (keep >= 0.95). Writes $OUT/compile.tsv and
-# $OUT/compile.md (the table for docs/figures.md). Not run yet: no GPU was lent to a session since.
+# $OUT/compile.md (the table for docs/figures.md). BACKBONES="legacy_xception" runs one backbone (the
+# table collects every JSON under $OUT). Not run yet: no GPU was lent to a session since.
 set -o pipefail
 OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 if ls .whl/timm-*.whl >/dev/null 2>&1; then
@@ -12,7 +13,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/scripts PYTHONUNBUFFERED=1
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
 B="python3 -m deepnoise bench train --input-size 512 --synthetic --num-workers 12 --device cuda --warmup 5 --steps 15 --repeats 5"
-for backbone in legacy_xception xception_wide; do
+for backbone in ${BACKBONES:-legacy_xception xception_wide}; do
   for mt in no-mean-teacher mean-teacher; do
     for setting in "eager:--batch-size 64 --no-compile" "compile:--batch-size 64 --compile" "batch128:--batch-size 128 --no-compile"; do
       name=${setting%%:*}; flags=${setting#*:}
