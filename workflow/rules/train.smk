@@ -101,4 +101,4 @@ rule predict:
         "python -m deepnoise predict --weights {input.weights:q} --sites {input.sites:q}"
         " --stacks {input.stacks:q} --stats {input.stats:q} --cell-type {wildcards.cell_type:q}"
         " --experiments {params.experiments:q} --batch-size {params.batch_size:q}"
-        " {params.tta} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        " {params.tta:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
