@@ -80,7 +80,9 @@ def paired_stats(diffs: Sequence[float], level: float = 0.95) -> dict:
     """Mean, sd, standard error, two-sided t-test of mean 0 and ``level`` t-interval of paired
     differences (NaNs dropped). With fewer than 2 values everything but ``n`` and ``mean`` is NaN;
     with zero spread the interval is the point and p is 0 (mean != 0) or 1 (mean == 0)."""
-    d = np.asarray([x for x in diffs if not (x is None or math.isnan(x))], dtype=float)
+    # rounded: accuracies are multiples of 1/wells, and equal differences must have zero spread,
+    # not a spread of float rounding errors (which gave t ~ 1e15)
+    d = np.round(np.asarray([x for x in diffs if not (x is None or math.isnan(x))], dtype=float), 9)
     n = len(d)
     out = {"n": n, "mean": float(d.mean()) if n else math.nan}
     nan = dict.fromkeys(("sd", "se", "t", "p", "ci_low", "ci_high"), math.nan)
@@ -122,11 +124,21 @@ def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[np.ndarray, np
     return adj, lev
 
 
+# Fewest paired seeds for a verdict other than undecided. Added 2026-12-01 after a partial run
+# (docs/ablation.md, "Statistics"): with 2 seeds a step whose two differences were the same whole
+# number of wells (+2 of 240 both times) had zero spread, p = 0 and "holds" -- a tie of a discrete
+# score with 1 degree of freedom, not evidence. Conservative: it can only take a verdict away.
+MIN_SEEDS_FOR_VERDICT = 3
+
+
 def verdict(mean: float, p_holm: float, n: int, alpha: float = ALPHA) -> str:
     """holds / reversed when the Holm-adjusted p is below ``alpha`` (sign of the mean), else
-    undecided; missing with fewer than 2 paired seeds."""
+    undecided; missing with fewer than 2 paired seeds; undecided with fewer than
+    ``MIN_SEEDS_FOR_VERDICT``."""
     if n < 2 or math.isnan(p_holm):
         return "missing"
+    if n < MIN_SEEDS_FOR_VERDICT:
+        return "undecided"
     if p_holm < alpha and mean > 0:
         return "holds"
     if p_holm < alpha and mean < 0:

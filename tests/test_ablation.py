@@ -45,6 +45,9 @@ def test_paired_stats_degenerate():
     assert same["p"] == 0.0 and same["ci_low"] == same["ci_high"] == 2.0
     zero = ablation.paired_stats([0.0, 0.0])
     assert zero["p"] == 1.0
+    # equal differences up to float rounding (2 of 240 wells, computed two ways) have zero spread
+    tied = ablation.paired_stats([100 * 2 / 240, 100 * (53 / 240 - 51 / 240)])
+    assert tied["sd"] == 0.0 and tied["p"] == 0.0
 
 
 def test_holm_known_values():
@@ -67,6 +70,9 @@ def test_verdicts():
     assert ablation.verdict(3.0, 0.049, 5) == "holds"
     assert ablation.verdict(3.0, 0.0, 1) == "missing"
     assert ablation.verdict(3.0, float("nan"), 5) == "missing"
+    # two seeds never decide, even with zero spread (p = 0): a tie of a discrete score, 1 df
+    assert ablation.verdict(0.83, 0.0, 2) == "undecided"
+    assert ablation.verdict(0.83, 0.0, 3) == "holds"
 
 
 def _long(diffs_by_step, base=50.0):
