@@ -115,18 +115,6 @@ def test_finetune_scope_pseudo_labels_and_cli(screen, tmp_path):
     assert cli.main([*rpe, "--hparams", str(hp)]) == 2  # no such cell type
 
 
-def _have(*names):
-    import importlib
-
-    try:
-        for name in names:
-            importlib.import_module(f"deepnoise.{name}")
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have("synth", "metadata", "stacks", "stats"), reason="data modules not there yet")
 def test_integration_with_synthetic_screen(tmp_path):
     """synthesize -> sites -> stack -> plate-stats -> train -> predict through the CLI."""
     syn = {
