@@ -124,10 +124,9 @@ def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[np.ndarray, np
     return adj, lev
 
 
-# Fewest paired seeds for a verdict other than undecided. Added 2026-12-01 after a partial run
-# (docs/ablation.md, "Statistics"): with 2 seeds a step whose two differences were the same whole
-# number of wells (+2 of 240 both times) had zero spread, p = 0 and "holds" -- a tie of a discrete
-# score with 1 degree of freedom, not evidence. Conservative: it can only take a verdict away.
+# Fewest paired seeds for a verdict other than undecided (docs/ablation.md, "Statistics"): with 2
+# seeds, two equal differences of a discrete score (whole wells) have zero spread and p = 0 with one
+# degree of freedom, which is a tie, not evidence. It can only take a verdict away.
 MIN_SEEDS_FOR_VERDICT = 3
 
 
