@@ -273,17 +273,10 @@ def rounds_needed(study: dict, run: str) -> int:
 
 def data_targets(cfg: dict) -> list[str]:
     """The data stage's outputs (site table, stacks, statistics) of a synthetic-screen config."""
-    from deepnoise import layout
+    from deepnoise import layout, paths
 
     exps = layout.synthetic_experiments(cfg["synthetic"])
-    cell_types = sorted({e.cell_type for e in exps})
-    return (
-        ["results/sites.csv", "results/test_truth.csv", "results/classes.json"]
-        + [f"results/stacks/{e.experiment}/Plate{p}.h5" for e in exps for p in layout.PLATES]
-        + [f"results/stats/plate/{e.experiment}/Plate{p}.json" for e in exps for p in layout.PLATES]
-        + [f"results/stats/experiment/{e.experiment}.json" for e in exps]
-        + [f"results/stats/cell_type/{ct}.json" for ct in cell_types]
-    )
+    return paths.data_outputs([e.experiment for e in exps], sorted({e.cell_type for e in exps}))
 
 
 # ---------------------------------------------------------------- running the workflow
@@ -353,7 +346,9 @@ def run_one(base: dict, study: dict, work: Path, run: str, seed: int, cores: int
         copy_workdir(work / f"seed{seed}" / "data", wd)
     cfg = run_config(base, study, run, seed)
     write_config(wd, cfg)
-    targets = [f"results/round{r}/metrics.json" for r in range(int(cfg["rounds"]))]
+    from deepnoise import paths
+
+    targets = [paths.METRICS.format(round=r) for r in range(int(cfg["rounds"]))]
     seconds = snakemake(wd, targets, cores, wd / "ablation.log")
     if not study.get("keep_checkpoints", False):
         # resume checkpoints of a finished run: ~0.6 of its size (76 MB per resnet10t training)

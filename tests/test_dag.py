@@ -57,6 +57,20 @@ def test_rxrx1_config_plans_exactly_its_models_from_the_repository_root(tmp_path
     # 560 jobs, less the `all` target
     assert sum(jobs.values()) == 559
 
+    # A fine-tune and a prediction declare their own cell type's stacks and statistics only (what
+    # they read): the DAG of full RxRx1 stays small enough to plan in seconds (docs/figures.md).
+    def stacks_and_stats(job: Job) -> tuple[set[str], set[str]]:
+        files = job.input.split(", ")
+        stacks = {f.split("/")[2] for f in files if f.startswith("results/stacks/")}
+        stats = {f.split("/")[-1].split(".")[0] for f in files if f.startswith("results/stats/cell_type/")}
+        return {s.split("-")[0] for s in stacks}, stats
+
+    train = next(j for j in planned if j.rule == "train")
+    assert stacks_and_stats(train) == ({"HUVEC", "RPE", "HEPG2", "U2OS"},) * 2
+    for job in planned:
+        if job.rule in ("finetune", "predict"):
+            assert stacks_and_stats(job) == ({job.wc("cell_type")},) * 2, job
+
 
 def test_a_model_removed_from_the_config_is_gone_from_the_plan(tmp_path: Path):
     cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())

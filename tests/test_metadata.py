@@ -233,3 +233,22 @@ def test_plate_at_another_resolution(tmp_path, capsys):
         "experiment HUVEC-02 plate 2: images are 24x24 "
         f"({root / 'images' / 'HUVEC-02' / 'Plate2' / 'B02_s1_w1.png'}), the other plates' are 16x16",
     )
+
+
+def test_png_fingerprint_digest_is_stable(tmp_path):
+    """The stack rule's `--pngs` param: name, size and mtime of every PNG in name order (other files
+    ignored, `.PNG` counted). The digest is pinned: a change of its format would rerun every finished
+    plate stack of every user after an upgrade."""
+    import hashlib
+
+    from deepnoise.metadata import png_fingerprint
+
+    files = {"B02_s1_w1.png": b"ab", "A01_s2_w6.PNG": b"", "notes.txt": b"x"}
+    for i, (name, content) in enumerate(files.items()):
+        (tmp_path / name).write_bytes(content)
+        os.utime(tmp_path / name, ns=(0, 1_000_000_000 * (i + 1)))
+    text = "A01_s2_w6.PNG\x000\x002000000000\nB02_s1_w1.png\x002\x001000000000\n"
+    assert png_fingerprint(tmp_path) == f"2 PNGs, sha256 {hashlib.sha256(text.encode()).hexdigest()[:32]}"
+    assert png_fingerprint(tmp_path / "absent") == "no folder"
+    (tmp_path / "B02_s1_w1.png").write_bytes(b"abc")
+    assert png_fingerprint(tmp_path) != f"2 PNGs, sha256 {hashlib.sha256(text.encode()).hexdigest()[:32]}"

@@ -154,3 +154,23 @@ def test_normalization_table_errors(stats):
         normalization_table([files["HUVEC-01"]], "plate")
     with pytest.raises(InputError, match="'global'"):
         normalization_table([files["HUVEC-01"]], "global")
+
+
+def test_a_job_given_only_its_plates_files_gets_their_normalisation(stats):
+    """A fine-tune or prediction of one cell type gets that cell type's files only (the DAG stays
+    small): the cell type's file covers plates whose plate files the job was not given, and those
+    are not asked for; a plate no file covers is named."""
+    from deepnoise.errors import InputError
+
+    df, files = stats
+    given = [files[("HUVEC-01", 1)], files["HUVEC-01"], files["HUVEC"]]
+    with pytest.raises(InputError, match="HUVEC-01 plate 2: no plate statistics"):
+        normalization_table(given, "plate")  # every plate the files cover
+    plate = normalization_table(given, "plate", [("HUVEC-01", 1)])
+    assert list(plate) == [("HUVEC-01", 1)]
+    np.testing.assert_allclose(plate[("HUVEC-01", 1)][0], pooled(df, [("HUVEC-01", 1)]).mean(1), rtol=1e-12)
+    cell_type = normalization_table(given, "cell_type", [("HUVEC-01", 1)])
+    huvec = [k for k in PLATES if k[0].startswith("HUVEC")]
+    np.testing.assert_allclose(cell_type[("HUVEC-01", 1)][0], pooled(df, huvec).mean(1), rtol=1e-12)
+    with pytest.raises(InputError, match="experiment RPE-01 plate 1: no statistics among the files"):
+        normalization_table(given, "plate", [("RPE-01", 1)])

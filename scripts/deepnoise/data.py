@@ -121,7 +121,7 @@ def normalization_arrays(
     """Per stack ``keys[i]``: mean and std ``(n, 6)`` float32 from ``stats.normalization_table``."""
     from deepnoise.stats import normalization_table
 
-    table = normalization_table([str(f) for f in stats_files], mode)
+    table = normalization_table([str(f) for f in stats_files], mode, keys)
     mean, std = np.zeros((len(keys), 6), np.float32), np.ones((len(keys), 6), np.float32)
     for i, key in enumerate(keys):
         if key not in table:

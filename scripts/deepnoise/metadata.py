@@ -328,15 +328,22 @@ def plate_dir(source: str, root: str | os.PathLike, experiment: str, dataset: st
 def png_fingerprint(folder: str | os.PathLike) -> str:
     """Number and hash of the names, sizes and mtimes of a plate folder's PNGs (a stat per file, no
     read): the stack rule's ``params``, so a changed, added or deleted PNG reruns that plate's
-    stack, and the stack job checks that it read the PNGs Snakemake planned with."""
+    stack, and the stack job checks that it read the PNGs Snakemake planned with.
+
+    Runs at parse time for every plate (753,984 PNGs for RxRx1), so it is written for speed: names
+    from one ``listdir`` and each stat relative to the open folder (no path strings), one hash
+    update. The digest is that of ``name NUL size NUL mtime_ns LF`` per PNG in name order."""
     try:
-        entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if e.name.lower().endswith(".png"))
+        fd = os.open(folder, os.O_RDONLY)
     except FileNotFoundError:
         return "no folder"
-    h = hashlib.sha256()
-    for name, st in entries:
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return f"{len(entries)} PNGs, sha256 {h.hexdigest()[:32]}"
+    try:
+        names = sorted(n for n in os.listdir(fd) if n[-4:].lower() == ".png")
+        stats = [os.stat(n, dir_fd=fd) for n in names]
+    finally:
+        os.close(fd)
+    text = "".join(f"{n}\0{st.st_size}\0{st.st_mtime_ns}\n" for n, st in zip(names, stats, strict=True))
+    return f"{len(names)} PNGs, sha256 {hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
 def check_plate_sizes(df: pd.DataFrame) -> None:

@@ -13,11 +13,12 @@ Sums are accumulated as exact integers (per-channel histograms of uint8 pixels) 
 float64, which stays exact up to 2**53 (a whole RxRx1 cell type is ~1e15 for ``sumsq``). ``std`` is
 the population standard deviation.
 
-``normalization_table(files, mode)`` maps every plate the files cover to ``(mean[6], std[6])``
-(float64): ``plate`` (the plate's own statistics), ``negative_control`` (the plate's negative
-control sites), ``experiment`` / ``cell_type`` (the aggregate over the experiment / cell type,
-from its file or, when not given, summed from the plate files), ``none`` (mean 0, std 255, so uint8
-pixels map to [0, 1]). A std of 0 (a constant channel) is replaced by 1.
+``normalization_table(files, mode, keys)`` maps each plate of ``keys`` (default: every plate the
+files cover) to ``(mean[6], std[6])`` (float64): ``plate`` (the plate's own statistics),
+``negative_control`` (the plate's negative control sites), ``experiment`` / ``cell_type`` (the
+aggregate over the experiment / cell type, from its file or, when not given, summed from the plate
+files), ``none`` (mean 0, std 255, so uint8 pixels map to [0, 1]). A std of 0 (a constant channel) is
+replaced by 1.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
@@ -149,9 +151,11 @@ def _mean_std(summary: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalization_table(
-    stats_files: list[Path | str], mode: str
+    stats_files: list[Path | str], mode: str, keys: Iterable[tuple[str, int]] | None = None
 ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """``{(experiment, plate): (mean[6], std[6])}`` for every plate the files cover (see module doc)."""
+    """``{(experiment, plate): (mean[6], std[6])}`` for the plates ``keys`` (default: every plate the files
+    cover; see module doc). A job passes the files of its own plates only: a cell type's file may
+    then cover plates whose plate files it was not given, and those are not asked for."""
     if mode not in MODES:
         raise InputError(f"normalisation mode {mode!r} is not one of {list(MODES)}")
     files = {str(f): load(f) for f in stats_files}
@@ -165,10 +169,14 @@ def normalization_table(
             plates[data["plates"][0]] = (name, data)
         elif data["level"] in ("experiment", "cell_type"):
             groups[(data["level"], data[data["level"]])] = (name, data)
+    wanted = sorted(covered) if keys is None else sorted({(str(e), int(p)) for e, p in keys})
+    for experiment, plate in wanted:
+        if (experiment, plate) not in covered:
+            raise InputError(f"experiment {experiment} plate {plate}: no statistics among the files")
     if mode == "none":
-        return {k: (np.zeros(layout.N_CHANNELS), np.full(layout.N_CHANNELS, 255.0)) for k in sorted(covered)}
+        return {k: (np.zeros(layout.N_CHANNELS), np.full(layout.N_CHANNELS, 255.0)) for k in wanted}
     table = {}
-    for key in sorted(covered):
+    for key in wanted:
         experiment, plate = key
         if mode in ("plate", "negative_control"):
             if key not in plates:

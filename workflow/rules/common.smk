@@ -16,7 +16,13 @@ sys.path.insert(0, SCRIPTS)
 SHELL_PREFIX = f"set -euo pipefail; export PYTHONPATH={shlex.quote(SCRIPTS)}; "
 shell.prefix(SHELL_PREFIX)
 
-from deepnoise import configcheck, hparams as training_keys, layout, split  # noqa: E402
+from deepnoise import (
+    configcheck,
+    hparams as training_keys,
+    layout,
+    paths,
+    split,
+)  # noqa: E402
 from deepnoise import metadata as md  # noqa: E402
 
 # Every problem of the config (schema, training keys of every model, backbones, synthetic keys,
@@ -95,49 +101,42 @@ wildcard_constraints:
     model=one_of(MODELS),
 
 
-# ---------------------------------------------------------------- paths
-SITES = "results/sites.csv"
-TRUTH = "results/test_truth.csv"
-CLASSES = "results/classes.json"
-SUMMARY = "results/summary.tsv"
-SUMMARY_TEXT = "results/summary.txt"
-SUBMISSION = "results/submission.csv"
+# ---------------------------------------------------------------- paths (deepnoise/paths.py)
+def experiments_of(cell_type):
+    return [e.experiment for e in EXPERIMENTS if e.cell_type == cell_type]
 
 
-def stack_path(experiment, plate):
-    return f"results/stacks/{experiment}/Plate{plate}.h5"
+ALL_STACKS = paths.stacks(EXP)
+ALL_STATS = paths.stats(EXP, ALL_CELL_TYPES)
 
 
-def stacks_of(experiments):
-    return [stack_path(e, p) for e in experiments for p in layout.PLATES]
+def cell_type_stacks(wildcards):
+    """The stacks a fine-tune of one cell type reads (it trains on that cell type's wells only)."""
+    return paths.stacks(experiments_of(wildcards.cell_type))
 
 
-ALL_STACKS = stacks_of(EXP)
-ALL_STATS = (
-    [f"results/stats/plate/{e}/Plate{p}.json" for e, p in PLATES]
-    + [f"results/stats/experiment/{e}.json" for e in EXP]
-    + [f"results/stats/cell_type/{ct}.json" for ct in ALL_CELL_TYPES]
-)
+def cell_type_stats(wildcards):
+    return paths.stats(experiments_of(wildcards.cell_type), [wildcards.cell_type])
 
 
 def predictions(round_, model, cell_type):
-    return f"results/round{round_}/predictions/{model}/{cell_type}.npz"
+    return paths.PREDICTIONS.format(round=round_, model=model, cell_type=cell_type)
 
 
 def ensemble(round_, cell_type):
-    return f"results/round{round_}/ensemble/{cell_type}.npz"
+    return paths.ENSEMBLE.format(round=round_, cell_type=cell_type)
 
 
 def balanced(round_, cell_type):
-    return f"results/round{round_}/balanced/{cell_type}.npz"
+    return paths.BALANCED.format(round=round_, cell_type=cell_type)
 
 
 def pseudo_labels(round_):
-    return f"results/round{round_}/pseudo_labels.csv"
+    return paths.PSEUDO_LABELS.format(round=round_)
 
 
 def metrics(round_):
-    return f"results/round{round_}/metrics.json"
+    return paths.METRICS.format(round=round_)
 
 
 # ---------------------------------------------------------------- hyper-parameters as params
@@ -174,7 +173,9 @@ def pseudo_inputs(wildcards):
     else:
         out = {"soft": [ensemble(r - 1, ct) for ct in CELL_TYPES]}
     if PSEUDO["warm_start"] and "cell_type" not in wildcards.keys():
-        out["warm"] = f"results/round{r - 1}/models/{wildcards.model}/all/weights.pt"
+        out["warm"] = paths.WEIGHTS.format(
+            round=r - 1, model=wildcards.model, scope="all"
+        )
     return out
 
 
@@ -225,8 +226,8 @@ def sites_inputs(wildcards):
 def metrics_inputs(wildcards):
     r = wildcards.round
     return {
-        "sites": SITES,
-        "truth": TRUTH,
+        "sites": paths.SITES,
+        "truth": paths.TRUTH,
         "pseudo": pseudo_labels(r),
         "previous": previous_round_pseudo(wildcards),
         "models": [predictions(r, m, ct) for m in MODELS for ct in CELL_TYPES],
@@ -243,13 +244,12 @@ def labelled_predictions(wildcards):
 
 def report_outputs():
     return [
-        "results/plots/accuracy.png",
-        "results/plots/balancing.png",
-        "results/plots/plates.png",
-        "results/plots/composites.png",
-        "results/report/accuracy.html",
-        "results/report/provenance.html",
-    ] + [f"results/plots/training_round{r}.png" for r in ROUNDS]
+        *(paths.SUMMARY_PLOT.format(kind=k) for k in paths.SUMMARY_PLOT_KINDS),
+        paths.PLATES_PLOT,
+        paths.COMPOSITES_PLOT,
+        paths.ACCURACY_REPORT,
+        paths.PROVENANCE_REPORT,
+    ] + [paths.TRAINING_PLOT.format(round=r) for r in ROUNDS]
 
 
 # ---------------------------------------------------------------- cost forecast (deepnoise plan)

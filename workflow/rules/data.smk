@@ -23,9 +23,9 @@ rule sites:
     input:
         unpack(sites_inputs),
     output:
-        sites=SITES,
-        truth=TRUTH,
-        classes=CLASSES,
+        sites=paths.SITES,
+        truth=paths.TRUTH,
+        classes=paths.CLASSES,
     log:
         "logs/sites.log",
     conda:
@@ -42,9 +42,9 @@ rule sites:
 
 rule stack:
     input:
-        sites=SITES,
+        sites=paths.SITES,
     output:
-        "results/stacks/{experiment}/Plate{plate}.h5",
+        paths.STACK,
     log:
         "logs/stacks/{experiment}_Plate{plate}.log",
     conda:
@@ -61,9 +61,9 @@ rule stack:
 
 rule plate_stats:
     input:
-        "results/stacks/{experiment}/Plate{plate}.h5",
+        paths.STACK,
     output:
-        "results/stats/plate/{experiment}/Plate{plate}.json",
+        paths.PLATE_STATS,
     log:
         "logs/stats/{experiment}_Plate{plate}.log",
     conda:
@@ -75,10 +75,11 @@ rule plate_stats:
 rule experiment_stats:
     input:
         lambda wc: [
-            f"results/stats/plate/{wc.experiment}/Plate{p}.json" for p in layout.PLATES
+            paths.PLATE_STATS.format(experiment=wc.experiment, plate=p)
+            for p in layout.PLATES
         ],
     output:
-        "results/stats/experiment/{experiment}.json",
+        paths.EXPERIMENT_STATS,
     log:
         "logs/stats/{experiment}.log",
     conda:
@@ -90,13 +91,12 @@ rule experiment_stats:
 rule cell_type_stats:
     input:
         lambda wc: [
-            f"results/stats/plate/{e.experiment}/Plate{p}.json"
-            for e in EXPERIMENTS
-            if e.cell_type == wc.cell_type
+            paths.PLATE_STATS.format(experiment=e, plate=p)
+            for e in experiments_of(wc.cell_type)
             for p in layout.PLATES
         ],
     output:
-        "results/stats/cell_type/{cell_type}.json",
+        paths.CELL_TYPE_STATS,
     log:
         "logs/stats/{cell_type}.log",
     conda:

@@ -6,7 +6,7 @@ rule ensemble:
     input:
         lambda wc: [predictions(wc.round, m, wc.cell_type) for m in MODELS],
     output:
-        "results/round{round}/ensemble/{cell_type}.npz",
+        paths.ENSEMBLE,
     log:
         "logs/round{round}/ensemble/{cell_type}.log",
     conda:
@@ -17,10 +17,10 @@ rule ensemble:
 
 rule balance:
     input:
-        predictions="results/round{round}/ensemble/{cell_type}.npz",
-        sites=SITES,
+        predictions=paths.ENSEMBLE,
+        sites=paths.SITES,
     output:
-        "results/round{round}/balanced/{cell_type}.npz",
+        paths.BALANCED,
     log:
         "logs/round{round}/balance/{cell_type}.log",
     conda:
@@ -38,7 +38,7 @@ rule pseudo_labels:
         ensemble=lambda wc: [ensemble(wc.round, ct) for ct in CELL_TYPES],
         previous=previous_round_pseudo,
     output:
-        "results/round{round}/pseudo_labels.csv",
+        paths.PSEUDO_LABELS,
     log:
         "logs/round{round}/pseudo_labels.log",
     conda:
@@ -55,7 +55,7 @@ rule metrics:
     input:
         unpack(metrics_inputs),
     output:
-        "results/round{round}/metrics.json",
+        paths.METRICS,
     log:
         "logs/round{round}/metrics.log",
     conda:
@@ -75,9 +75,9 @@ rule metrics:
 rule submission:
     input:
         balanced=[balanced(LAST_ROUND, ct) for ct in CELL_TYPES],
-        sites=SITES,
+        sites=paths.SITES,
     output:
-        SUBMISSION,
+        paths.SUBMISSION,
     log:
         "logs/submission.log",
     conda:
@@ -94,8 +94,10 @@ rule summary:
     input:
         [metrics(r) for r in ROUNDS],
     output:
-        table=report(SUMMARY, caption="../report/summary.rst", category="Accuracy"),
-        text=SUMMARY_TEXT,
+        table=report(
+            paths.SUMMARY, caption="../report/summary.rst", category="Accuracy"
+        ),
+        text=paths.SUMMARY_TEXT,
     log:
         "logs/summary.log",
     conda:

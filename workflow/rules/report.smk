@@ -4,13 +4,13 @@
 rule plot_training:
     input:
         lambda wc: [
-            f"results/round{wc.round}/models/{m}/{scope}/log.csv"
+            paths.TRAINING_LOG.format(round=wc.round, model=m, scope=scope)
             for m in MODELS
             for scope in ["all"] + CELL_TYPES
         ],
     output:
         report(
-            "results/plots/training_round{round}.png",
+            paths.TRAINING_PLOT,
             caption="../report/training.rst",
             category="Training",
         ),
@@ -24,17 +24,17 @@ rule plot_training:
 
 rule plot_accuracy:
     input:
-        SUMMARY,
+        paths.SUMMARY,
     output:
         report(
-            "results/plots/{kind}.png",
+            paths.SUMMARY_PLOT,
             caption="../report/accuracy.rst",
             category="Accuracy",
         ),
     log:
         "logs/plots/{kind}.log",
     wildcard_constraints:
-        kind="accuracy|balancing",
+        kind=one_of(paths.SUMMARY_PLOT_KINDS),
     conda:
         CONDA_ENV
     shell:
@@ -45,10 +45,10 @@ rule plot_accuracy:
 # The table is shown in the report page itself: its caption inlines the HTML file (raw :file:).
 rule accuracy_table:
     input:
-        SUMMARY,
+        paths.SUMMARY,
     output:
         report(
-            "results/report/accuracy.html",
+            paths.ACCURACY_REPORT,
             caption="../report/accuracy_table.rst",
             category="Accuracy",
         ),
@@ -65,7 +65,7 @@ rule plot_plates:
         [metrics(r) for r in ROUNDS],
     output:
         report(
-            "results/plots/plates.png",
+            paths.PLATES_PLOT,
             caption="../report/plates.rst",
             category="Accuracy",
         ),
@@ -82,12 +82,12 @@ rule plot_composites:
     input:
         # plate 1 of the first experiment of each cell type
         [
-            stack_path(next(e for e in EXPERIMENTS if e.cell_type == ct).experiment, 1)
+            paths.STACK.format(experiment=experiments_of(ct)[0], plate=1)
             for ct in CELL_TYPES
         ],
     output:
         report(
-            "results/plots/composites.png",
+            paths.COMPOSITES_PLOT,
             caption="../report/composites.rst",
             category="Images",
         ),
@@ -108,10 +108,10 @@ rule plot_composites:
 # of the results writes it again.
 rule provenance:
     input:
-        SUMMARY,
+        paths.SUMMARY,
     output:
         report(
-            "results/report/provenance.html",
+            paths.PROVENANCE_REPORT,
             caption="../report/provenance.rst",
             category="Provenance",
         ),

@@ -6,13 +6,13 @@
 rule train:
     input:
         unpack(pseudo_inputs),
-        sites=SITES,
-        classes=CLASSES,
+        sites=paths.SITES,
+        classes=paths.CLASSES,
         stacks=ALL_STACKS,
         stats=ALL_STATS,
     output:
-        weights="results/round{round}/models/{model}/all/weights.pt",
-        log_csv="results/round{round}/models/{model}/all/log.csv",
+        weights=paths.fill(paths.WEIGHTS, scope="all"),
+        log_csv=paths.fill(paths.TRAINING_LOG, scope="all"),
     log:
         "logs/round{round}/train/{model}.log",
     benchmark:
@@ -27,7 +27,9 @@ rule train:
         hparams=lambda wc: hparams_json(wc.model),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flags,
-        checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/all",
+        checkpoints=lambda wc: paths.CHECKPOINTS.format(
+            round=wc.round, model=wc.model, scope="all"
+        ),
     shell:
         "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise train --scope all --hparams {params.hparams:q}"
@@ -41,14 +43,14 @@ rule train:
 rule finetune:
     input:
         unpack(pseudo_inputs),
-        init="results/round{round}/models/{model}/all/weights.pt",
-        sites=SITES,
-        classes=CLASSES,
-        stacks=ALL_STACKS,
-        stats=ALL_STATS,
+        init=paths.fill(paths.WEIGHTS, scope="all"),
+        sites=paths.SITES,
+        classes=paths.CLASSES,
+        stacks=cell_type_stacks,
+        stats=cell_type_stats,
     output:
-        weights="results/round{round}/models/{model}/{cell_type}/weights.pt",
-        log_csv="results/round{round}/models/{model}/{cell_type}/log.csv",
+        weights=paths.fill(paths.WEIGHTS, scope="{cell_type}"),
+        log_csv=paths.fill(paths.TRAINING_LOG, scope="{cell_type}"),
     log:
         "logs/round{round}/finetune/{model}_{cell_type}.log",
     benchmark:
@@ -63,7 +65,9 @@ rule finetune:
         hparams=lambda wc: hparams_json(wc.model, finetune=True),
         val=VAL_EXPERIMENTS,
         pseudo=pseudo_flags,
-        checkpoints=lambda wc: f"results/checkpoints/round{wc.round}/{wc.model}/{wc.cell_type}",
+        checkpoints=lambda wc: paths.CHECKPOINTS.format(
+            round=wc.round, model=wc.model, scope=wc.cell_type
+        ),
     shell:
         "DEEPNOISE_GPUS={resources.gpu:q} "
         "python -m deepnoise train --scope {wildcards.cell_type:q} --hparams {params.hparams:q}"
@@ -76,12 +80,14 @@ rule finetune:
 
 rule predict:
     input:
-        weights="results/round{round}/models/{model}/{cell_type}/weights.pt",
-        sites=SITES,
-        stacks=lambda wc: stacks_of(predicted_experiments(wc.cell_type)),
-        stats=ALL_STATS,
+        weights=paths.fill(paths.WEIGHTS, scope="{cell_type}"),
+        sites=paths.SITES,
+        stacks=lambda wc: paths.stacks(predicted_experiments(wc.cell_type)),
+        stats=lambda wc: paths.stats(
+            predicted_experiments(wc.cell_type), [wc.cell_type]
+        ),
     output:
-        "results/round{round}/predictions/{model}/{cell_type}.npz",
+        paths.PREDICTIONS,
     log:
         "logs/round{round}/predict/{model}_{cell_type}.log",
     benchmark:
