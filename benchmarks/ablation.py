@@ -397,7 +397,8 @@ def rebalanced_stage(workdir: Path, round_: int, method: str) -> dict:
     Cached as ``<workdir>/results/ablation/round{r}/balance_{method}.json`` (the balanced npz next to
     it), recomputed when an ensemble file is newer.
     """
-    from deepnoise.evaluate import compute_metrics, read_sites, read_truth
+    from deepnoise.evaluate import compute_metrics, read_truth
+    from deepnoise.metadata import read_sites
 
     res = workdir / "results"
     ensembles = sorted((res / f"round{round_}" / "ensemble").glob("*.npz"))

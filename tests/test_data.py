@@ -4,7 +4,7 @@ import pytest
 import torch
 import train_fixtures as tf
 
-from deepnoise import data
+from deepnoise import data, metadata
 from deepnoise.errors import InputError
 
 
@@ -15,7 +15,7 @@ def screen(tmp_path_factory):
 
 def _wells(screen):
     index = data.StackIndex.build(screen.stacks)
-    return index, index.locate(data.well_table(data.read_sites(screen.sites)))
+    return index, index.locate(data.well_table(metadata.read_sites(screen.sites)))
 
 
 def test_dataset_returns_the_right_site(screen):
@@ -86,7 +86,7 @@ def test_loader_with_workers(screen):
 
 def test_missing_stack_and_site_errors(screen, tmp_path):
     index = data.StackIndex.build(screen.stacks[:1])
-    wells = data.well_table(data.read_sites(screen.sites))
+    wells = data.well_table(metadata.read_sites(screen.sites))
     with pytest.raises(InputError, match="no stack given for experiment"):
         index.locate(wells)
     with pytest.raises(InputError, match="also in"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import train_fixtures as tf
 
-from deepnoise import cli, data, models
+from deepnoise import cli, data, metadata, models
 from deepnoise.errors import InputError
 from deepnoise.weights import load_weights
 
@@ -42,7 +42,7 @@ def _reference(screen, weights, well_id: str, n_views: int) -> np.ndarray:
     net = models.build_model(state["model_config"]).eval()
     net.load_state_dict(state["model"])
     index = data.StackIndex.build(screen.stacks)
-    wells = index.locate(data.well_table(data.read_sites(screen.sites)))
+    wells = index.locate(data.well_table(metadata.read_sites(screen.sites)))
     mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
     i = int(np.flatnonzero(wells["well_id"] == well_id)[0])
     img, norm_idx, _, _ = data.StackDataset(index.files, wells)[i]

@@ -260,7 +260,7 @@ def test_training_never_takes_labels_of_test_experiments(screen):
     """Even a site table that carried the test labels would not label a test well for training: the
     labelled set is `dataset == train` minus validation; unlabelled targets are pseudo labels only."""
     scr, _ = screen
-    sites = data.read_sites(scr.sites)
+    sites = metadata.read_sites(scr.sites)
     test = sites["dataset"] == "test"
     sites.loc[test, "sirna_id"] = [scr.truth[w] for w in sites.loc[test, "well_id"]]  # leaked
     a_test_well = sites.loc[test, "well_id"].iloc[0]

@@ -374,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
     groups = None
     sites = None
     if args.sites is not None:
-        from deepnoise.evaluate import read_sites
+        from deepnoise.metadata import read_sites
 
         sites = read_sites(args.sites)
         check_wells(pred, sites, str(args.predictions), allow_missing=args.allow_missing)

@@ -24,25 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from deepnoise import stacks
 from deepnoise.errors import InputError
 
-SITE_COLUMNS = (
-    "site_id well_id cell_type dataset experiment plate well site well_type sirna sirna_id path".split()
-)
 WELL_TYPES = ("treatment", "positive_control", "negative_control")
-
-
-def read_sites(path: str | os.PathLike) -> pd.DataFrame:
-    """The site table, with the contract's columns checked."""
-    try:
-        df = pd.read_csv(path, dtype={"well": str, "experiment": str, "cell_type": str, "sirna": str})
-    except (OSError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read site table: {exc}") from exc
-    missing = [c for c in SITE_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"{path}: site table lacks columns {missing}")
-    df["plate"] = df["plate"].astype(int)
-    df["site"] = df["site"].astype(int)
-    df["sirna_id"] = df["sirna_id"].astype(int)
-    return df
 
 
 def read_classes(path: str | os.PathLike) -> dict:

@@ -20,31 +20,12 @@ import pandas as pd
 from deepnoise.atomic import atomic_path, write_text
 from deepnoise.ensemble import Predictions, concat_predictions, load_predictions
 from deepnoise.errors import InputError
+from deepnoise.metadata import read_sites
 
 log = logging.getLogger(__name__)
 
-SITE_COLUMNS = ("well_id", "cell_type", "dataset", "experiment", "plate", "well", "well_type", "sirna_id")
 SPLITS = {"validation": "train", "test": "test"}
 SUMMARY_COLUMNS = ("round", "stage", "kind", "split", "cell_type", "n", "correct", "accuracy")
-
-_STR = {"well_id": str, "cell_type": str, "dataset": str, "experiment": str, "well": str, "well_type": str}
-
-
-def read_sites(path: str | os.PathLike) -> pd.DataFrame:
-    """The site table's columns needed for scoring and plate groups."""
-    try:
-        df = pd.read_csv(path, dtype={**_STR, "sirna": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputError(f"{path}: cannot read site table ({exc})") from exc
-    missing = [c for c in SITE_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"{path}: site table lacks columns {missing}")
-    try:
-        df["plate"] = df["plate"].astype(np.int64)
-        df["sirna_id"] = df["sirna_id"].astype(np.int64)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{path}: non-integer plate or sirna_id ({exc})") from exc
-    return df
 
 
 def _well_labels(df: pd.DataFrame, source: str) -> pd.Series:

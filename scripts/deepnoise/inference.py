@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepnoise import augment, data
+from deepnoise import augment, data, layout
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def predict_probs(
     net.eval()
     cuda = device.type == "cuda"
     out, order = [], []
-    views = range(8) if tta else (0,)
+    views = range(layout.TTA_VIEWS) if tta else (0,)
     amp = amp and cuda and torch.cuda.is_bf16_supported()
     for batch in batches:
         x = batch[0].to(device, non_blocking=cuda)

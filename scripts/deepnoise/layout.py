@@ -15,6 +15,8 @@ from pathlib import Path
 PLATES = (1, 2, 3, 4)
 N_CHANNELS = 6
 N_GROUPS = 4
+# Test-time augmentation: the 8 elements of the dihedral group (flips x 90 degree rotations).
+TTA_VIEWS = 8
 # The used wells of RxRx1: the inner 14 x 22 of a 384-well plate (rows B..O, columns 2..23).
 ROWS = string.ascii_uppercase[1:15]
 COLUMNS = tuple(range(2, 24))

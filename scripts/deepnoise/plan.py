@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from deepnoise import layout
 from deepnoise.errors import InputError
 
 THROUGHPUT = Path(__file__).with_name("throughput.csv")
@@ -44,7 +45,6 @@ DEFAULT_DEVICE = "NVIDIA H100 80GB HBM3"
 # A forward pass alone (prediction, validation) costs about a third of a training step's
 # forward + backward + optimiser step; no forward-only figure is measured yet.
 FORWARD_SPEEDUP = 3.0
-TTA_VIEWS = 8
 GPU_RULES = ("train", "finetune", "predict")
 
 
@@ -154,7 +154,7 @@ class Screen:
     finetune_hparams: dict[str, dict]
     wells: dict[str, tuple[int, int]] = field(default_factory=dict)  # experiment -> (all, treatment)
     sites_per_well: int = 2
-    tta_views: int = TTA_VIEWS  # views per site at prediction (config predict.tta: 8, else 1)
+    tta_views: int = layout.TTA_VIEWS  # views per site at prediction (config predict.tta: 8, else 1)
 
 
 def well_counts(source: str, root: str, synthetic: dict, experiments) -> tuple[dict, int]:
@@ -338,7 +338,7 @@ def screen_from_facts(facts: dict) -> Screen:
         cell_types=list(facts["cell_types"]),
         hparams=facts["hparams"],
         finetune_hparams=facts["finetune_hparams"],
-        tta_views=TTA_VIEWS if facts["config"]["predict"]["tta"] else 1,
+        tta_views=layout.TTA_VIEWS if facts["config"]["predict"]["tta"] else 1,
     )
     screen.wells, screen.sites_per_well = well_counts(
         facts["source"], facts["root"], facts["synthetic"], list(screen.experiments)
@@ -426,7 +426,7 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
             lines.append(f"  {row}" + (f"  [extrapolated: {extra}]" if extra else ""))
     lines.append(
         f"images: training-step images (labelled + unlabelled) x epochs, plus forward-only images"
-        f" (validation, {TTA_VIEWS} test-time views per site at prediction with predict.tta, else 1;"
+        f" (validation, {layout.TTA_VIEWS} test-time views per site at prediction with predict.tta, else 1;"
         f" at {FORWARD_SPEEDUP:g}x the training rate); limit: the Slurm time limit of the longest job"
         f" (forecast x {margin:g}, attempt 1)"
     )

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from deepnoise import data, inference, models
+from deepnoise import data, inference, metadata, models
 from deepnoise.ensemble import Predictions, save_predictions
 from deepnoise.errors import InputError
 from deepnoise.runtime import setup_runtime
@@ -54,7 +54,7 @@ def run_predict(
     if channels_last and rt.cuda:
         net = net.to(memory_format=torch.channels_last)
 
-    wells = data.well_table(data.read_sites(sites))
+    wells = data.well_table(metadata.read_sites(sites))
     missing = sorted(set(experiments) - set(wells["experiment"]))
     if missing:
         raise InputError(f"{sites}: no experiment(s) {missing}")

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from deepnoise import atomic, augment, checkpoint, data, inference, losses, models, pseudo
+from deepnoise import atomic, augment, checkpoint, data, inference, losses, metadata, models, pseudo
 from deepnoise.atomic import atomic_path
 from deepnoise.errors import InputError
 from deepnoise.hparams import (  # noqa: F401
@@ -620,7 +620,7 @@ def run_training(
         index = data.StackIndex.build(stacks)
         targets, soft_table = read_pseudo(pseudo_labels, soft_targets)
         td = select_wells(
-            data.read_sites(sites),
+            metadata.read_sites(sites),
             data.read_classes(classes),
             index,
             cfg,
