@@ -43,3 +43,13 @@ def test_bench_train_compile_is_refused_on_cpu(capsys):
     args += ["--steps", "1", "--warmup", "1", "--synthetic", "--num-workers", "0", "--threads", "1"]
     assert cli.main([*args, "--device", "cpu", "--repeats", "1", "--compile"]) == 2
     assert "train.compile: true needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bench_train_needs_a_warmup_step(capsys):
+    """The untimed warm-up also provides the timed steps' batches: 0 is refused, not a crash."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "train", "--synthetic", "--warmup", "0"])
+    assert exc.value.code == 2
+    assert "--warmup: must be >= 1, got 0" in capsys.readouterr().err

@@ -35,6 +35,19 @@ def test_generated_schema_and_key_table_are_current():
     assert hparams.main(["--check"]) == 0
 
 
+def test_conda_env_pins_the_package_dependencies():
+    """envs/deepnoise.yaml (the jobs' environment under --sdm conda) pins exactly pyproject.toml's
+    runtime dependencies: nothing missing, nothing only the tests need."""
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "envs/deepnoise.yaml").read_text())["dependencies"]
+    pip = next(d["pip"] for d in env if isinstance(d, dict))
+    assert sorted(pip) == sorted(project)
+
+
 def test_check_reports_a_drifted_file(tmp_path: Path):
     for name in (hparams.SCHEMA_FILE, hparams.README_FILE):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

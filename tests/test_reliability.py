@@ -348,8 +348,19 @@ def drop_checksums(path: Path) -> None:
         del f["crc32"]
 
 
+def short_sites_without_ids(path: Path) -> None:
+    """A stack written by other code (no site_id) whose `site` dataset lost a row."""
+    with h5py.File(path, "r+") as f:
+        sites = f["site"][()]
+        del f["site"]
+        if "site_id" in f:
+            del f["site_id"]
+        f["site"] = sites[:-1]
+
+
 STACK_DAMAGE = {
     "truncated": (truncate, r"cannot open the HDF5 plate stack \(truncated"),
+    "sites short, no site ids": (short_sites_without_ids, r"dataset 'site' has \d+ rows for \d+ sites"),
     "pixels edited": (edit_pixels, r"site HUVEC-01_1_\w+_\d \(row 3\) does not match the checksum"),
     "well duplicated": (duplicate_well, r"well \w+ site \d occurs more than once"),
     "checksums removed": (drop_checksums, r"plate stack lacks datasets \['crc32'\]"),
@@ -495,7 +506,7 @@ def test_predictions_with_mislabelled_or_missing_wells_are_refused(predictions, 
 def test_stack_check_reports_structure(screen):
     scr, _ = screen
     info = stacks.check_stack(scr.stacks[0])
-    assert info["attrs"]["experiment"] == "HUVEC-01" and len(info["crc32"]) == info["shape"][0]
+    assert info.attrs["experiment"] == "HUVEC-01" and len(info.crc32) == info.shape[0]
     index = data.StackIndex.build(scr.stacks)
     assert len(index.crcs) == len(scr.stacks)
 

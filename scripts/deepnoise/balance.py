@@ -91,8 +91,8 @@ class PlateGroups:
         return list(itertools.permutations(range(self.n_groups)))
 
 
-def infer_plate_groups(sites: pd.DataFrame, source: str = "site table") -> PlateGroups:
-    """The plate groups (classes per group) from the labelled train plates of a site table."""
+def _train_plate_sets(sites: pd.DataFrame, source: str) -> dict[tuple[str, int], np.ndarray]:
+    """(experiment, plate) -> sorted ``sirna_id`` of the labelled train treatment wells of a site table."""
     need = {"dataset", "well_type", "experiment", "plate", "sirna_id"}
     missing = need - set(sites.columns)
     if missing:
@@ -100,12 +100,16 @@ def infer_plate_groups(sites: pd.DataFrame, source: str = "site table") -> Plate
     t = sites[(sites["dataset"] == "train") & (sites["well_type"] == "treatment") & (sites["sirna_id"] >= 0)]
     if t.empty:
         raise InputError(f"{source}: no labelled train treatment wells to infer the plate groups from")
-    plate_sets = {
+    return {
         (str(e), int(p)): np.unique(g["sirna_id"].to_numpy(np.int64))
         for (e, p), g in t.groupby(["experiment", "plate"], sort=True)
     }
+
+
+def _plate_components(plate_sets: dict[tuple[str, int], np.ndarray]) -> dict[tuple[str, int], int]:
+    """Plate -> component id (a plate index), by union-find: two plates sharing a siRNA hold the same
+    group."""
     keys = list(plate_sets)
-    # Union-find over plates: two plates sharing a siRNA hold the same group.
     parent = list(range(len(keys)))
 
     def find(i: int) -> int:
@@ -120,15 +124,21 @@ def infer_plate_groups(sites: pd.DataFrame, source: str = "site table") -> Plate
             j = owner.setdefault(s, i)
             if j != i:
                 parent[find(i)] = find(j)
-    comp = {k: find(i) for i, k in enumerate(keys)}
-    roots = sorted(set(comp.values()))
+    return {k: find(i) for i, k in enumerate(keys)}
+
+
+def _complete_train_orders(comp: dict[tuple[str, int], int], source: str) -> dict[str, tuple[int, ...]]:
+    """Experiment -> component per plate (plate order) of the complete train experiments (as many plates
+    as there are components, all distinct), sorted by name; ``InputError`` when the components do not
+    match the number of plates or no experiment is complete."""
+    n_roots = len(set(comp.values()))
     by_exp: dict[str, dict[int, int]] = {}
     for (e, p), c in comp.items():
         by_exp.setdefault(e, {})[p] = c
     n_plates = max(len(v) for v in by_exp.values())
-    if len(roots) != n_plates:
+    if n_roots != n_plates:
         raise InputError(
-            f"{source}: the train plates form {len(roots)} disjoint siRNA groups, but experiments have "
+            f"{source}: the train plates form {n_roots} disjoint siRNA groups, but experiments have "
             f"{n_plates} plates; cannot infer the plate groups"
         )
     complete = {
@@ -138,6 +148,14 @@ def infer_plate_groups(sites: pd.DataFrame, source: str = "site table") -> Plate
     }
     if not complete:
         raise InputError(f"{source}: no train experiment with {n_plates} plates of distinct groups")
+    return complete
+
+
+def infer_plate_groups(sites: pd.DataFrame, source: str = "site table") -> PlateGroups:
+    """The plate groups (classes per group) from the labelled train plates of a site table."""
+    plate_sets = _train_plate_sets(sites, source)
+    comp = _plate_components(plate_sets)
+    complete = _complete_train_orders(comp, source)
     ref_exp, ref_seq = next(iter(complete.items()))
     index = {root: k for k, root in enumerate(ref_seq)}
     groups = [
@@ -291,6 +309,90 @@ def _plate_index(pred: Predictions) -> dict[tuple[str, int], np.ndarray]:
     return {(str(e), int(p)): np.asarray(ix) for (e, p), ix in keys.groupby(["e", "p"]).indices.items()}
 
 
+def _check_groups(pred: Predictions, groups: PlateGroups | None) -> None:
+    """``InputError`` unless the plate groups are given and fit the classes of ``pred``."""
+    if groups is None:
+        raise InputError("balancing method groups needs the plate groups (a site table)")
+    top = max(int(g.max()) for g in groups.groups)
+    if top >= pred.n_classes:
+        raise InputError(
+            f"plate groups contain class {top}, but the predictions have {pred.n_classes} classes"
+        )
+
+
+def _choose_experiment_order(
+    pred: Predictions, exp: str, exp_plates: dict[int, np.ndarray], groups: PlateGroups, min_margin: float
+) -> GroupChoice:
+    """The plate -> group order of experiment ``exp`` (``choose_assignment``); a WARNING when its margin
+    over the runner-up is below ``min_margin``."""
+    bad = [p for p in exp_plates if not 1 <= p <= groups.n_groups]
+    if bad:
+        raise InputError(f"experiment {exp}: plate {bad[0]} outside 1..{groups.n_groups}")
+    choice = choose_assignment({p: pred.probs[ix] for p, ix in exp_plates.items()}, groups)
+    if choice.margin < min_margin:
+        log.warning(
+            "experiment %s: weak plate -> group order: %s beats the runner-up %s with a margin "
+            "of only %.2f (paired t of the per-well log-likelihoods, %.4f nats per well; "
+            "threshold %g): the group restriction may be wrong for this experiment "
+            "(methods exact and paper do not use the groups)",
+            exp,
+            choice.assignment,
+            choice.runner_up,
+            choice.margin,
+            choice.mean_diff,
+            min_margin,
+        )
+    return choice
+
+
+def _balance_plate(logq: np.ndarray, method: str, max_iter: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """One plate's balanced probabilities over its candidate classes (``logq``: wells x classes) and,
+    for ``paper``, (iterations used, duplicates left)."""
+    if method == "paper":
+        bias, n_iter = iterative_plate(logq, max_iter=max_iter)
+        return _softmax(logq - bias), (n_iter, int(len(logq) - _n_distinct(logq - bias)[0]))
+    assigned = exact_plate(logq)
+    block = np.exp(logq)
+    block[np.arange(len(logq)), assigned] += 1.0
+    block /= 2
+    return block, None
+
+
+def _balance_experiment(
+    pred: Predictions,
+    exp: str,
+    exp_plates: dict[int, np.ndarray],
+    groups: PlateGroups | None,
+    method: str,
+    max_iter: int,
+    min_margin: float,
+    out: np.ndarray,
+) -> dict:
+    """Balance the plates (plate -> rows of ``pred``) of experiment ``exp`` into ``out``; returns the
+    experiment's info."""
+    use_groups = method == "groups"
+    exp_info: dict = {}
+    if use_groups:
+        choice = _choose_experiment_order(pred, exp, exp_plates, groups, min_margin)
+        exp_info.update(choice.info())
+    for p, ix in sorted(exp_plates.items()):
+        classes = groups.groups[choice.assignment[p]] if use_groups else np.arange(pred.n_classes)
+        if method != "paper" and len(ix) > len(classes):
+            where = "its group has only" if use_groups else "the predictions have only"
+            raise InputError(
+                f"experiment {exp} plate {p}: {len(ix)} wells but {where} {len(classes)} classes "
+                f"(e.g. well {pred.well_id[ix[0]]})"
+            )
+        block, paper_info = _balance_plate(_log_restricted(pred.probs[ix], classes), method, max_iter)
+        if paper_info is not None:
+            exp_info.setdefault("iterations", {})[int(p)] = paper_info[0]
+            exp_info.setdefault("duplicates_left", {})[int(p)] = paper_info[1]
+        rows = np.zeros((len(ix), pred.n_classes), dtype=np.float64)
+        rows[:, classes] = block
+        out[ix] = rows.astype(np.float32)
+    return exp_info
+
+
 def balance_predictions(
     pred: Predictions,
     groups: PlateGroups | None = None,
@@ -305,66 +407,14 @@ def balance_predictions(
     check_method(method)
     if method == "none":
         return pred.with_probs(pred.probs.copy()), {}
-    use_groups = method == "groups"
-    if use_groups and groups is None:
-        raise InputError("balancing method groups needs the plate groups (a site table)")
-    if use_groups:
-        top = max(int(g.max()) for g in groups.groups)
-        if top >= pred.n_classes:
-            raise InputError(
-                f"plate groups contain class {top}, but the predictions have {pred.n_classes} classes"
-            )
+    if method == "groups":
+        _check_groups(pred, groups)
     out = np.zeros_like(pred.probs, dtype=np.float32)
     info: dict = {}
     plates = _plate_index(pred)
-    all_classes = np.arange(pred.n_classes)
     for exp in sorted({e for e, _ in plates}):
         exp_plates = {p: ix for (e, p), ix in plates.items() if e == exp}
-        exp_info: dict = {}
-        if use_groups:
-            bad = [p for p in exp_plates if not 1 <= p <= groups.n_groups]
-            if bad:
-                raise InputError(f"experiment {exp}: plate {bad[0]} outside 1..{groups.n_groups}")
-            choice = choose_assignment({p: pred.probs[ix] for p, ix in exp_plates.items()}, groups)
-            exp_info.update(choice.info())
-            if choice.margin < min_margin:
-                log.warning(
-                    "experiment %s: weak plate -> group order: %s beats the runner-up %s with a margin "
-                    "of only %.2f (paired t of the per-well log-likelihoods, %.4f nats per well; "
-                    "threshold %g): the group restriction may be wrong for this experiment "
-                    "(methods exact and paper do not use the groups)",
-                    exp,
-                    choice.assignment,
-                    choice.runner_up,
-                    choice.margin,
-                    choice.mean_diff,
-                    min_margin,
-                )
-        for p, ix in sorted(exp_plates.items()):
-            classes = groups.groups[choice.assignment[p]] if use_groups else all_classes
-            if method != "paper" and len(ix) > len(classes):
-                where = "its group has only" if use_groups else "the predictions have only"
-                raise InputError(
-                    f"experiment {exp} plate {p}: {len(ix)} wells but {where} {len(classes)} classes "
-                    f"(e.g. well {pred.well_id[ix[0]]})"
-                )
-            logq = _log_restricted(pred.probs[ix], classes)
-            if method == "paper":
-                bias, n_iter = iterative_plate(logq, max_iter=max_iter)
-                block = _softmax(logq - bias)
-                exp_info.setdefault("iterations", {})[int(p)] = n_iter
-                exp_info.setdefault("duplicates_left", {})[int(p)] = int(
-                    len(ix) - _n_distinct(logq - bias)[0]
-                )
-            else:
-                assigned = exact_plate(logq)
-                block = np.exp(logq)
-                block[np.arange(len(ix)), assigned] += 1.0
-                block /= 2
-            rows = np.zeros((len(ix), pred.n_classes), dtype=np.float64)
-            rows[:, classes] = block
-            out[ix] = rows.astype(np.float32)
-        info[exp] = exp_info
+        info[exp] = _balance_experiment(pred, exp, exp_plates, groups, method, max_iter, min_margin, out)
     return pred.with_probs(out), info
 
 

@@ -15,6 +15,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -84,7 +86,77 @@ def summarize(key: str, values: list[float]) -> dict[str, float]:
     return {key: median, f"{key}_min": v[0], f"{key}_max": v[-1]}
 
 
+@dataclass(frozen=True)
+class _Bench:
+    """One benchmark run: the trainer, its loaders and the setup the result reports."""
+
+    args: argparse.Namespace
+    rt: train.Runtime
+    cfg: train.TrainConfig
+    trainer: train.Trainer
+    n_params: int
+    startup_s: float
+    b_unl: int  # unlabelled images per step (0: none)
+    lab_loader: torch.utils.data.DataLoader
+    unl_loader: torch.utils.data.DataLoader | None
+
+    @property
+    def images_per_step(self) -> int:
+        return self.args.batch_size + self.b_unl
+
+    def batches(self) -> Iterator[tuple]:
+        """(labelled, unlabelled or None) batches on the device, as the trainer takes them."""
+        rt, trainer = self.rt, self.trainer
+        unl_iter = data.device_batches(self.unl_loader, rt.device) if self.unl_loader is not None else None
+        for batch in data.device_batches(self.lab_loader, rt.device):
+            yield (
+                trainer.to_device(batch),
+                (trainer.to_device(next(unl_iter)) if unl_iter is not None else None),
+            )
+
+    def model_step(self, lab, unl) -> float:
+        """Images/s of ``--steps`` training steps on one batch already on the device."""
+        t0 = time.perf_counter()
+        for _ in range(self.args.steps):
+            self.trainer.step(lab, unl)
+        _sync(self.rt)
+        return self.images_per_step * self.args.steps / (time.perf_counter() - t0)
+
+    def full_step(self) -> tuple[float, float]:
+        """Images/s of up to ``--steps`` training steps on loaded batches, and the seconds to the
+        first batch."""
+        # a fresh iterator (as at an epoch start); the clock starts at its first batch (the
+        # workers' start, once per epoch, is reported apart as first_batch_s)
+        t0 = time.perf_counter()
+        it = self.batches()
+        batch = next(it)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.trainer.step(*batch)
+        n = 1
+        for batch in it:
+            if n == self.args.steps:
+                break
+            self.trainer.step(*batch)
+            n += 1
+        _sync(self.rt)
+        return self.images_per_step * n / (time.perf_counter() - t0), first
+
+    def loader_only(self) -> float:
+        """Images/s of up to ``--steps`` loaded batches without training."""
+        t0 = time.perf_counter()
+        n = 0
+        for _ in self.batches():
+            n += 1
+            if n == self.args.steps:
+                break
+        _sync(self.rt)
+        return self.images_per_step * n / (time.perf_counter() - t0)
+
+
 def bench_train(args: argparse.Namespace) -> dict:
+    """Model step, full step and loader alone, in ``--repeats`` alternating repeats: the result
+    fields (medians with min and max) that ``deepnoise bench train`` prints."""
     t_start = time.perf_counter()
     if args.repeats < 1:
         raise InputError(f"bench train --repeats {args.repeats}: expected at least 1 (5 or more to decide)")
@@ -92,145 +164,130 @@ def bench_train(args: argparse.Namespace) -> dict:
     if rt.cuda:
         torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory(prefix="deepnoise-bench-") as tmpdir:
-        stacks = list(args.stacks or [])
-        if args.synthetic:
-            path = Path(tmpdir) / "Plate1.h5"
-            n_wells = min(max(args.batch_size + 8, 16), len(layout.INNER_WELLS))
-            write_synthetic_plate(path, n_wells, args.image_size or args.input_size)
-            stacks = [str(path)]
-        if not stacks:
-            raise InputError("bench train: give --stacks or --synthetic")
-        index = data.StackIndex.build(stacks)
-        wells = pd.concat(
-            [
-                pd.DataFrame({"experiment": k[0], "plate": k[1], "well": sorted({w for w, _ in rows})})
-                for k, rows in zip(index.keys, index.rows, strict=True)
-            ],
-            ignore_index=True,
-        )
-        wells = index.locate(wells)
-        n_classes = max(len(wells), 2)
-        labels = np.arange(len(wells)) % n_classes
-        cfg = train.TrainConfig.from_dict(
-            {
-                "backbone": args.backbone,
-                "batch_size": args.batch_size,
-                "input_size": args.input_size,
-                "num_workers": args.num_workers,
-                "amp": args.amp,
-                "channels_last": args.channels_last,
-                "compile": args.compile,
-                "mean_teacher": args.mean_teacher,
-                "head": args.head,
-            }
-        )
-        mean = np.full((len(index.files), 6), 128.0, np.float32)
-        std = np.full((len(index.files), 6), 64.0, np.float32)
-        mc = models.model_config(cfg, n_classes, n_classes)
-        t_model = time.perf_counter()
-        trainer = train.Trainer(cfg, mc, rt, mean, std, steps_per_epoch=args.steps)
-        # a job's fixed cost: the interpreter and imports until now (the plate written above aside)
-        startup_s = _process_age() - (t_model - t_start) + (time.perf_counter() - t_model)
-        n_params = models.count_parameters(trainer.student)
-        trainer.start_epoch(0)
-        b_unl = cfg.unlabelled_per_step() if args.mean_teacher else 0
-        if args.mean_teacher and args.unlabelled_batch_size is not None:
-            b_unl = args.unlabelled_batch_size
-        total_steps = args.steps + args.warmup
+        bench = _setup(args, rt, Path(tmpdir), t_start)
+        runs = _timed_runs(bench)
+    return _result(bench, runs)
 
-        def loader(stream: int, batch: int, label_values):
-            ds = data.StackDataset(index.files, wells, label_values, index=index if args.verify else None)
-            sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
-            return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
 
-        lab_loader = loader(0, args.batch_size, labels)
-        unl_loader = loader(1, b_unl, np.full(len(wells), -1)) if b_unl else None
+def _bench_wells(args: argparse.Namespace, tmpdir: Path) -> tuple[data.StackIndex, pd.DataFrame]:
+    """The stacks to read (``--stacks``, or a random plate written to ``tmpdir``): their index and
+    all their wells, located."""
+    stacks = list(args.stacks or [])
+    if args.synthetic:
+        path = tmpdir / "Plate1.h5"
+        n_wells = min(max(args.batch_size + 8, 16), len(layout.INNER_WELLS))
+        write_synthetic_plate(path, n_wells, args.image_size or args.input_size)
+        stacks = [str(path)]
+    if not stacks:
+        raise InputError("bench train: give --stacks or --synthetic")
+    index = data.StackIndex.build(stacks)
+    wells = pd.concat(
+        [
+            pd.DataFrame({"experiment": k[0], "plate": k[1], "well": sorted({w for w, _ in rows})})
+            for k, rows in zip(index.keys, index.rows, strict=True)
+        ],
+        ignore_index=True,
+    )
+    return index, index.locate(wells)
 
-        def batches():
-            unl_iter = data.device_batches(unl_loader, rt.device) if unl_loader is not None else None
-            for batch in data.device_batches(lab_loader, rt.device):
-                yield (
-                    trainer.to_device(batch),
-                    (trainer.to_device(next(unl_iter)) if unl_iter is not None else None),
-                )
 
-        images_per_step = args.batch_size + b_unl
-        # warm-up (cudnn autotuning, worker start) and one batch kept on the device
-        it = batches()
-        for _ in range(args.warmup):
-            lab, unl = next(it)
-            trainer.step(lab, unl)
-        _sync(rt)
-        if rt.cuda:
-            torch.cuda.reset_peak_memory_stats(rt.device)
+def _bench_config(args: argparse.Namespace) -> train.TrainConfig:
+    """The training config of the benchmarked model, from the command line."""
+    return train.TrainConfig.from_dict(
+        {
+            "backbone": args.backbone,
+            "batch_size": args.batch_size,
+            "input_size": args.input_size,
+            "num_workers": args.num_workers,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "mean_teacher": args.mean_teacher,
+            "head": args.head,
+        }
+    )
 
-        def model_step() -> float:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.step(lab, unl)
-            _sync(rt)
-            return images_per_step * args.steps / (time.perf_counter() - t0)
 
-        def full_step() -> tuple[float, float]:
-            # a fresh iterator (as at an epoch start); the clock starts at its first batch (the
-            # workers' start, once per epoch, is reported apart as first_batch_s)
-            t0 = time.perf_counter()
-            it = batches()
-            batch = next(it)
-            first = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            trainer.step(*batch)
-            n = 1
-            for batch in it:
-                if n == args.steps:
-                    break
-                trainer.step(*batch)
-                n += 1
-            _sync(rt)
-            return images_per_step * n / (time.perf_counter() - t0), first
+def _setup(args: argparse.Namespace, rt: train.Runtime, tmpdir: Path, t_start: float) -> _Bench:
+    """The trainer (a class per well, fixed normalisation) and its loaders; ``t_start``: when the
+    benchmark started, for the start-up cost."""
+    index, wells = _bench_wells(args, tmpdir)
+    n_classes = max(len(wells), 2)
+    labels = np.arange(len(wells)) % n_classes
+    cfg = _bench_config(args)
+    mean = np.full((len(index.files), 6), 128.0, np.float32)
+    std = np.full((len(index.files), 6), 64.0, np.float32)
+    mc = models.model_config(cfg, n_classes, n_classes)
+    t_model = time.perf_counter()
+    trainer = train.Trainer(cfg, mc, rt, mean, std, steps_per_epoch=args.steps)
+    # a job's fixed cost: the interpreter and imports until now (the plate written above aside)
+    startup_s = _process_age() - (t_model - t_start) + (time.perf_counter() - t_model)
+    n_params = models.count_parameters(trainer.student)
+    trainer.start_epoch(0)
+    b_unl = cfg.unlabelled_per_step() if args.mean_teacher else 0
+    if args.mean_teacher and args.unlabelled_batch_size is not None:
+        b_unl = args.unlabelled_batch_size
+    total_steps = args.steps + args.warmup
 
-        def loader_only() -> float:
-            t0 = time.perf_counter()
-            n = 0
-            for _ in batches():
-                n += 1
-                if n == args.steps:
-                    break
-            _sync(rt)
-            return images_per_step * n / (time.perf_counter() - t0)
+    def loader(stream: int, batch: int, label_values):
+        ds = data.StackDataset(index.files, wells, label_values, index=index if args.verify else None)
+        sampler = data.EpochSampler(len(ds), cfg.seed, stream=stream, total=total_steps * batch)
+        return data.make_loader(ds, sampler, batch, cfg.num_workers, rt.cuda, drop_last=True)
 
-        # Repeated, interleaved: the order alternates each repeat, so drift (clocks, thermal, other
-        # load) hits both sides alike; the ratio is taken per repeat (paired) and summarised.
-        runs: dict[str, list[float]] = {"model": [], "full": [], "loader": [], "first": [], "ratio": []}
-        for r in range(args.repeats):
-            order = ("model", "full", "loader") if r % 2 == 0 else ("loader", "full", "model")
-            got = {}
-            for kind in order:
-                if kind == "model":
-                    got["model"] = model_step()
-                elif kind == "full":
-                    got["full"], got["first"] = full_step()
-                else:
-                    got["loader"] = loader_only()
-            got["ratio"] = got["full"] / got["model"]
-            for k, v in got.items():
-                runs[k].append(v)
+    lab_loader = loader(0, args.batch_size, labels)
+    unl_loader = loader(1, b_unl, np.full(len(wells), -1)) if b_unl else None
+    return _Bench(args, rt, cfg, trainer, n_params, startup_s, b_unl, lab_loader, unl_loader)
 
+
+def _timed_runs(bench: _Bench) -> dict[str, list[float]]:
+    """Warm-up, then the repeated measurements: per kind (model, full, loader, first, ratio) a value
+    per repeat."""
+    args, rt = bench.args, bench.rt
+    # warm-up (cudnn autotuning, worker start) and one batch kept on the device
+    it = bench.batches()
+    for _ in range(args.warmup):
+        lab, unl = next(it)
+        bench.trainer.step(lab, unl)
+    _sync(rt)
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    # Repeated, interleaved: the order alternates each repeat, so drift (clocks, thermal, other
+    # load) hits both sides alike; the ratio is taken per repeat (paired) and summarised.
+    runs: dict[str, list[float]] = {"model": [], "full": [], "loader": [], "first": [], "ratio": []}
+    for r in range(args.repeats):
+        order = ("model", "full", "loader") if r % 2 == 0 else ("loader", "full", "model")
+        got = {}
+        for kind in order:
+            if kind == "model":
+                got["model"] = bench.model_step(lab, unl)
+            elif kind == "full":
+                got["full"], got["first"] = bench.full_step()
+            else:
+                got["loader"] = bench.loader_only()
+        got["ratio"] = got["full"] / got["model"]
+        for k, v in got.items():
+            runs[k].append(v)
+    return runs
+
+
+def _result(bench: _Bench, runs: dict[str, list[float]]) -> dict:
+    """The result fields: the setup, then the median, min and max of each measurement."""
+    args, rt, cfg = bench.args, bench.rt, bench.cfg
     result = {
         "backbone": args.backbone,
-        "parameters": n_params,
+        "parameters": bench.n_params,
         "device": torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu",
         "threads": torch.get_num_threads(),
         "input_size": args.input_size,
         "batch_size": args.batch_size,
-        "unlabelled_batch_size": b_unl,
+        "unlabelled_batch_size": bench.b_unl,
         "steps": args.steps,
         "amp_bf16": bool(cfg.amp and rt.cuda),
         "channels_last": bool(cfg.channels_last and rt.cuda),
         "compile": bool(cfg.compile),
         "num_workers": cfg.num_workers,
         "verify_crc": bool(args.verify),
-        "startup_s": startup_s,
+        "startup_s": bench.startup_s,
         "repeats": args.repeats,
     }
     names = {
@@ -287,6 +344,14 @@ def record(table: str, result: dict, mean_teacher: bool) -> None:
     print(f"recorded in {table}: {', '.join(f'{k}={v}' for k, v in row.items())}")
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of ``--warmup``: the first untimed step also provides the timed batches."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -297,7 +362,7 @@ def register(subparsers) -> None:
     t.add_argument("--image-size", type=int, default=None, help="--synthetic image side (default input)")
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    t.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    t.add_argument("--warmup", type=_at_least_one, default=3, help="untimed steps first (>= 1)")
     t.add_argument(
         "--repeats",
         type=int,

@@ -55,16 +55,16 @@ class StackIndex:
         for path in stack_files:
             path = str(path)
             info = stacks.check_stack(path)
-            key = (info["attrs"]["experiment"], info["attrs"]["plate"])
-            wells, sites, shape = info["well"], info["site"], info["shape"]
+            key = (info.attrs["experiment"], info.attrs["plate"])
+            wells, sites, shape = info.well, info.site, info.shape
             if key in keys:
                 raise InputError(f"{path}: plate {key} also in {files[keys.index(key)]}")
             sizes.add((shape[2], shape[3]))
             files.append(path)
             keys.append(key)
             rows.append({(w, int(s)): i for i, (w, s) in enumerate(zip(wells, sites, strict=True))})
-            crcs.append(info["crc32"])
-            site_ids.append(info["site_id"])
+            crcs.append(info.crc32)
+            site_ids.append(info.site_id)
         if len(sizes) > 1:
             raise InputError(f"stacks have different image sizes: {sorted(sizes)}")
         size = sizes.pop() if sizes else (0, 0)

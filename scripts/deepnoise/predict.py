@@ -11,6 +11,7 @@ import argparse
 import logging
 
 import numpy as np
+import pandas as pd
 import torch
 
 from deepnoise import data, inference, metadata, models
@@ -20,6 +21,41 @@ from deepnoise.runtime import setup_runtime
 from deepnoise.weights import load_weights
 
 log = logging.getLogger(__name__)
+
+
+def load_model(weights: str, cell_type: str, rt) -> tuple[torch.nn.Module, dict, bool, bool]:
+    """The selected network of ``weights`` (the teacher with the mean teacher) on ``rt.device``, its
+    model config, and the run's ``amp`` / ``channels_last`` runtime knobs."""
+    state = load_weights(weights)
+    scope = state.get("scope")
+    if scope not in (cell_type, "all"):
+        raise InputError(f"{weights}: weights fine-tuned for {scope!r}, not for cell type {cell_type}")
+    mc = state["model_config"]
+    net = models.build_model(mc)
+    net.load_state_dict(state["model"])
+    net.to(rt.device)
+    runtime = {**state.get("hparams", {}), **state.get("runtime", {})}  # older files: all in hparams
+    channels_last = bool(runtime.get("channels_last", True))
+    if channels_last and rt.cuda:
+        net = net.to(memory_format=torch.channels_last)
+    return net, mc, bool(runtime.get("amp", True)), channels_last
+
+
+def predicted_wells(sites: str, cell_type: str, experiments: list[str]) -> pd.DataFrame:
+    """The treatment wells of ``experiments`` in the site table; experiments that are missing or of
+    another cell type are refused."""
+    wells = data.well_table(metadata.read_sites(sites))
+    missing = sorted(set(experiments) - set(wells["experiment"]))
+    if missing:
+        raise InputError(f"{sites}: no experiment(s) {missing}")
+    wrong = wells[wells["experiment"].isin(experiments) & (wells["cell_type"] != cell_type)]
+    if len(wrong):
+        raise InputError(f"experiment {wrong['experiment'].iloc[0]} is not of cell type {cell_type}")
+    return wells[
+        wells["experiment"].isin(experiments)
+        & (wells["cell_type"] == cell_type)
+        & (wells["well_type"] == "treatment")
+    ].reset_index(drop=True)
 
 
 def run_predict(
@@ -40,32 +76,8 @@ def run_predict(
     rt = setup_runtime(device, threads)
     if rt.world > 1 and rt.rank != 0:
         return
-    state = load_weights(weights)
-    scope = state.get("scope")
-    if scope not in (cell_type, "all"):
-        raise InputError(f"{weights}: weights fine-tuned for {scope!r}, not for cell type {cell_type}")
-    mc = state["model_config"]
-    net = models.build_model(mc)
-    net.load_state_dict(state["model"])  # the selected network: teacher with the mean teacher
-    net.to(rt.device)
-    runtime = {**state.get("hparams", {}), **state.get("runtime", {})}  # older files: all in hparams
-    channels_last = bool(runtime.get("channels_last", True))
-    amp = bool(runtime.get("amp", True))
-    if channels_last and rt.cuda:
-        net = net.to(memory_format=torch.channels_last)
-
-    wells = data.well_table(metadata.read_sites(sites))
-    missing = sorted(set(experiments) - set(wells["experiment"]))
-    if missing:
-        raise InputError(f"{sites}: no experiment(s) {missing}")
-    wrong = wells[wells["experiment"].isin(experiments) & (wells["cell_type"] != cell_type)]
-    if len(wrong):
-        raise InputError(f"experiment {wrong['experiment'].iloc[0]} is not of cell type {cell_type}")
-    wells = wells[
-        wells["experiment"].isin(experiments)
-        & (wells["cell_type"] == cell_type)
-        & (wells["well_type"] == "treatment")
-    ].reset_index(drop=True)
+    net, mc, amp, channels_last = load_model(weights, cell_type, rt)
+    wells = predicted_wells(sites, cell_type, experiments)
     index = data.StackIndex.build(stacks)
     wells = index.locate(wells)
     mean, std = data.normalization_arrays(stats, mc["normalization"], index.keys)
@@ -73,7 +85,6 @@ def run_predict(
     sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
     wells_per_batch = max(1, int(batch_size) // 2)  # both sites of a well go through together
     loader = data.make_loader(ds, sampler, wells_per_batch, num_workers, rt.cuda, drop_last=False)
-    n_t = int(mc["n_treatments"])
     probs, order = inference.predict_probs(
         net,
         loader,
@@ -81,7 +92,7 @@ def run_predict(
         torch.as_tensor(std, device=rt.device),
         rt.device,
         int(mc["input_size"]),
-        n_t,
+        int(mc["n_treatments"]),
         tta=tta,
         amp=amp,
         channels_last=channels_last,

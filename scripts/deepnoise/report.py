@@ -84,12 +84,7 @@ def plot_training(logs: Sequence[str], out: str | os.PathLike, labels: Sequence[
     axis). A series that is all NaN (no teacher without mean teacher, no validation split) is left
     out and the panel says so."""
     plt = _pyplot()
-    keys = [_log_parts(p) for p in logs]
-    if labels:
-        labels = list(labels)
-        if len(labels) != len(logs):
-            raise InputError(f"{len(labels)} labels for {len(logs)} logs")
-        keys = [(lab, "") for lab in labels]
+    keys = _panel_keys(logs, labels)
     models = list(dict.fromkeys(k[0] for k in keys))
     scopes = list(dict.fromkeys(k[1] for k in keys))
     nrows, ncols = max(len(models), 1), max(len(scopes), 1)
@@ -101,47 +96,69 @@ def plot_training(logs: Sequence[str], out: str | os.PathLike, labels: Sequence[
     handles = {}
     for path, (model, scope) in zip(logs, keys, strict=True):
         ax = axes[models.index(model), scopes.index(scope)]
-        ax.set_visible(True)
-        ax.set_title(f"{model} / {scope}" if scope else model, fontsize=9)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=7)
-        df = _read_table(path)
-        if df.empty:
-            log.warning("%s: empty training log", path)
-            ax.text(0.5, 0.5, "empty log", ha="center", va="center", transform=ax.transAxes)
+        _training_panel(ax, path, f"{model} / {scope}" if scope else model, handles)
+    _finish_training_figure(fig, axes, handles)
+    _save(fig, out)
+
+
+def _panel_keys(logs: Sequence[str], labels: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(model, scope) of each log's panel: from its path, or ``(label, "")`` with ``labels``."""
+    if not labels:
+        return [_log_parts(p) for p in logs]
+    labels = list(labels)
+    if len(labels) != len(logs):
+        raise InputError(f"{len(labels)} labels for {len(logs)} logs")
+    return [(lab, "") for lab in labels]
+
+
+def _training_panel(ax, path: str | os.PathLike, title: str, handles: dict) -> None:
+    """One log's panel: accuracy series on ``ax``, the loss on a twin axis; new line handles are
+    added to ``handles`` (legend label -> line)."""
+    ax.set_visible(True)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+    df = _read_table(path)
+    if df.empty:
+        log.warning("%s: empty training log", path)
+        ax.text(0.5, 0.5, "empty log", ha="center", va="center", transform=ax.transAxes)
+        return
+    x = pd.to_numeric(df["epoch"], errors="coerce") if "epoch" in df else np.arange(1, len(df) + 1)
+    missing = []
+    for col, name, style in ACC_SERIES:
+        y = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
+        if y.isna().all():
+            missing.append(name)
             continue
-        x = pd.to_numeric(df["epoch"], errors="coerce") if "epoch" in df else np.arange(1, len(df) + 1)
-        missing = []
-        for col, name, style in ACC_SERIES:
-            y = pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(np.nan, index=df.index)
-            if y.isna().all():
-                missing.append(name)
-                continue
-            (h,) = ax.plot(x, y, style, marker=".", color="C0" if name == "student" else "C1")
-            handles[f"val. accuracy, {name}"] = h
-        if "loss" in df:
-            loss = pd.to_numeric(df["loss"], errors="coerce")
-            if not loss.isna().all():
-                ax2 = ax.twinx()
-                (h,) = ax2.plot(x, loss, ":", color="0.35")
-                ax2.tick_params(labelsize=7, colors="0.35")
-                handles["training loss (right axis)"] = h
-        if missing:
-            ax.text(
-                0.98, 0.04, "no " + " / ".join(missing), ha="right", va="bottom", fontsize=7,
-                transform=ax.transAxes, color="0.4",
-            )  # fmt: skip
+        (h,) = ax.plot(x, y, style, marker=".", color="C0" if name == "student" else "C1")
+        handles[f"val. accuracy, {name}"] = h
+    if "loss" in df:
+        loss = pd.to_numeric(df["loss"], errors="coerce")
+        if not loss.isna().all():
+            ax2 = ax.twinx()
+            (h,) = ax2.plot(x, loss, ":", color="0.35")
+            ax2.tick_params(labelsize=7, colors="0.35")
+            handles["training loss (right axis)"] = h
+    if missing:
+        ax.text(
+            0.98, 0.04, "no " + " / ".join(missing), ha="right", va="bottom", fontsize=7,
+            transform=ax.transAxes, color="0.4",
+        )  # fmt: skip
+
+
+def _finish_training_figure(fig, axes: np.ndarray, handles: dict) -> None:
+    """Axis labels on the outer panels and one legend over the figure (or "no data")."""
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=8)
     for row in axes:
         row[0].set_ylabel("accuracy", fontsize=8)
     if handles:
+        nrows = len(axes)
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8)
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.5 * nrows + 0.8)))
     else:
         fig.text(0.5, 0.5, "no data", ha="center", va="center")
-    _save(fig, out)
 
 
 def _bars(ax, table: pd.DataFrame, title: str) -> None:

@@ -19,10 +19,12 @@ import logging
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from deepnoise import __version__, layout
@@ -132,6 +134,76 @@ def iter_sites(prefixes: list[str], threads: int, shape: tuple[int, int]):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _plate_sites(sites_csv: Path | str, experiment: str, plate: int) -> pd.DataFrame:
+    """The plate's rows of the site table; InputError when there are none or several cell types."""
+    table = read_sites(sites_csv)
+    df = table[(table.experiment == experiment) & (table.plate == int(plate))].reset_index(drop=True)
+    if df.empty:
+        raise InputError(f"{sites_csv}: no sites for experiment {experiment} plate {plate}")
+    if df.cell_type.nunique() != 1:
+        raise InputError(
+            f"experiment {experiment} plate {plate}: several cell types {sorted(set(df.cell_type))}"
+        )
+    return df
+
+
+def _write_images(
+    f: h5py.File, prefixes: list[str], threads: int, shape: tuple[int, int], kwargs: dict
+) -> np.ndarray:
+    """Create the ``images`` dataset (one chunk per site) and fill it; returns each site's CRC-32."""
+    n = len(prefixes)
+    images = f.create_dataset(
+        "images",
+        shape=(n, layout.N_CHANNELS, *shape),
+        dtype=np.uint8,
+        chunks=(1, layout.N_CHANNELS, *shape),
+        **kwargs,
+    )
+    direct = not kwargs
+    crcs = np.zeros(n, np.uint32)
+    for i, site in enumerate(iter_sites(prefixes, threads, shape)):
+        crcs[i] = zlib.crc32(site)
+        if direct:  # no filter pipeline: hand the chunk bytes straight to HDF5
+            images.id.write_direct_chunk((i, 0, 0, 0), site)
+        else:
+            images[i] = site
+    return crcs
+
+
+def _write_index(f: h5py.File, df: pd.DataFrame, crcs: np.ndarray) -> None:
+    """Write the per-site datasets next to the images: ``crc32`` and the site-table columns."""
+    f.create_dataset("crc32", data=crcs)
+    for col in STR_COLUMNS:
+        f.create_dataset(col, data=df[col].to_numpy(dtype=object), dtype=STR)
+    f.create_dataset("site", data=df.site.to_numpy(np.int8))
+    f.create_dataset("sirna_id", data=df.sirna_id.to_numpy(np.int32))
+
+
+def _stack_attrs(
+    df: pd.DataFrame,
+    sites_csv: Path | str,
+    experiment: str,
+    plate: int,
+    shape: tuple[int, int],
+    compression: str,
+    pngs: str | None,
+) -> dict:
+    """The stack's file attributes (``created`` is the time of this call)."""
+    return {
+        "pngs": pngs or "",
+        "experiment": experiment,
+        "plate": int(plate),
+        "cell_type": str(df.cell_type.iloc[0]),
+        "image_size": int(shape[0]),
+        "source": str(sites_csv),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "deepnoise_version": __version__,
+        "n_sites": len(df),
+        "compression": compression,
+        "format": STACK_FORMAT,
+    }
+
+
 def write_stack(
     sites_csv: Path | str,
     experiment: str,
@@ -146,140 +218,147 @@ def write_stack(
     ``pngs``: the plate folder's ``png_fingerprint`` as Snakemake planned the job with; the PNGs
     must match it before and after they are read (else nothing is written).
     """
-    table = read_sites(sites_csv)
-    df = table[(table.experiment == experiment) & (table.plate == int(plate))].reset_index(drop=True)
-    if df.empty:
-        raise InputError(f"{sites_csv}: no sites for experiment {experiment} plate {plate}")
-    if df.cell_type.nunique() != 1:
-        raise InputError(
-            f"experiment {experiment} plate {plate}: several cell types {sorted(set(df.cell_type))}"
-        )
+    df = _plate_sites(sites_csv, experiment, plate)
     kwargs = compression_args(compression)
     prefixes = list(df.path)
     folder = os.path.dirname(prefixes[0])
     check_fingerprint(folder, pngs, "before")
     check_files(df, siblings=False)
     shape = plate_shape(prefixes)
-    n = len(df)
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        images = f.create_dataset(
-            "images",
-            shape=(n, layout.N_CHANNELS, *shape),
-            dtype=np.uint8,
-            chunks=(1, layout.N_CHANNELS, *shape),
-            **kwargs,
-        )
-        direct = not kwargs
-        crcs = np.zeros(n, np.uint32)
-        for i, site in enumerate(iter_sites(prefixes, threads, shape)):
-            crcs[i] = zlib.crc32(site)
-            if direct:  # no filter pipeline: hand the chunk bytes straight to HDF5
-                images.id.write_direct_chunk((i, 0, 0, 0), site)
-            else:
-                images[i] = site
-        f.create_dataset("crc32", data=crcs)
-        for col in STR_COLUMNS:
-            f.create_dataset(col, data=df[col].to_numpy(dtype=object), dtype=STR)
-        f.create_dataset("site", data=df.site.to_numpy(np.int8))
-        f.create_dataset("sirna_id", data=df.sirna_id.to_numpy(np.int32))
+        crcs = _write_images(f, prefixes, threads, shape, kwargs)
+        _write_index(f, df, crcs)
         check_fingerprint(folder, pngs, "while")
-        f.attrs.update(
-            {
-                "pngs": pngs or "",
-                "experiment": experiment,
-                "plate": int(plate),
-                "cell_type": str(df.cell_type.iloc[0]),
-                "image_size": int(shape[0]),
-                "source": str(sites_csv),
-                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "deepnoise_version": __version__,
-                "n_sites": n,
-                "compression": compression,
-                "format": STACK_FORMAT,
-            }
-        )
+        f.attrs.update(_stack_attrs(df, sites_csv, experiment, plate, shape, compression, pngs))
+    n = len(df)
     log.info("%s plate %s: %d sites -> %s", experiment, plate, n, out)
     return n
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What ``check_stack`` verified about one plate stack: its attributes and per-site index."""
+
+    attrs: dict  # all file attributes; the required ones as str/int (experiment, plate, cell_type, ...)
+    shape: tuple[int, ...]  # shape of ``images``: (n_sites, N_CHANNELS, H, W)
+    well: list[str]  # well of each row, e.g. "B02"
+    site_id: list[str]  # site id of each row (``well_id_site`` for stacks written by other code)
+    well_type: list[str]  # well type of each row (treatment, negative_control, ...)
+    site: np.ndarray  # site number of each row, int
+    crc32: np.ndarray  # CRC-32 of each row's image bytes, uint32
 
 
 def _strs(ds) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
 
 
-def check_stack(path: str | os.PathLike) -> dict:
-    """Structure of a plate stack, validated without reading the images.
-
-    Returns ``attrs``, ``shape``, ``well``, ``site``, ``site_id``, ``well_type`` and ``crc32``
-    (per site). ``InputError`` names the file and what is wrong: not HDF5 or truncated, a missing
-    dataset or attribute, inconsistent lengths, an unsafe or duplicated well.
-    """
+def _open_stack(path: str | os.PathLike) -> h5py.File:
+    """Open a stack read-only; InputError when it is not a readable HDF5 file."""
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as exc:
         raise InputError(
             f"{path}: cannot open the HDF5 plate stack (truncated, corrupt or not HDF5: {exc}); {REBUILD}"
         ) from exc
-    with f:
-        try:
-            attrs = {k: f.attrs[k] for k in REQUIRED_ATTRS}
-        except KeyError as exc:
-            raise InputError(
-                f"{path}: not a deepnoise plate stack of format {STACK_FORMAT} "
-                f"(no attribute {exc}); {REBUILD}"
-            ) from exc
-        attrs = {
-            **dict(f.attrs),
-            "experiment": str(attrs["experiment"]),
-            "plate": int(attrs["plate"]),
-            "cell_type": str(attrs["cell_type"]),
-            "n_sites": int(attrs["n_sites"]),
-            "format": int(attrs["format"]),
-        }
-        if attrs["format"] != STACK_FORMAT:
-            raise InputError(f"{path}: stack format {attrs['format']}, expected {STACK_FORMAT}; {REBUILD}")
-        missing = [k for k in ("images", "crc32", "site", "well", "well_type") if k not in f]
-        if missing:
-            raise InputError(f"{path}: plate stack lacks datasets {missing}; {REBUILD}")
-        try:
-            images = f["images"]
-            shape, dtype = images.shape, images.dtype
-            out = {
+
+
+def _read_attrs(f: h5py.File, path: str | os.PathLike) -> dict:
+    """All attributes, the required ones as Python types; InputError if one lacks or the format differs."""
+    try:
+        attrs = {k: f.attrs[k] for k in REQUIRED_ATTRS}
+    except KeyError as exc:
+        raise InputError(
+            f"{path}: not a deepnoise plate stack of format {STACK_FORMAT} (no attribute {exc}); {REBUILD}"
+        ) from exc
+    attrs = {
+        **dict(f.attrs),
+        "experiment": str(attrs["experiment"]),
+        "plate": int(attrs["plate"]),
+        "cell_type": str(attrs["cell_type"]),
+        "n_sites": int(attrs["n_sites"]),
+        "format": int(attrs["format"]),
+    }
+    if attrs["format"] != STACK_FORMAT:
+        raise InputError(f"{path}: stack format {attrs['format']}, expected {STACK_FORMAT}; {REBUILD}")
+    return attrs
+
+
+def _read_index(f: h5py.File, path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, dict]:
+    """The images' shape and dtype and the per-site datasets (``site_id`` and ``well_id`` empty
+    when absent); InputError for a missing or unreadable one."""
+    missing = [k for k in ("images", "crc32", "site", "well", "well_type") if k not in f]
+    if missing:
+        raise InputError(f"{path}: plate stack lacks datasets {missing}; {REBUILD}")
+    try:
+        images = f["images"]
+        return (
+            images.shape,
+            images.dtype,
+            {
                 "well": _strs(f["well"]),
                 "site_id": _strs(f["site_id"]) if "site_id" in f else [],
                 "well_id": _strs(f["well_id"]) if "well_id" in f else [],
                 "well_type": _strs(f["well_type"]),
                 "site": f["site"][()].astype(int),
                 "crc32": f["crc32"][()].astype(np.uint32),
-            }
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read the stack's site index ({exc}); {REBUILD}") from exc
-    n = attrs["n_sites"]
+            },
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the stack's site index ({exc}); {REBUILD}") from exc
+
+
+def _check_images(path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype, n: int) -> None:
+    """InputError unless the images are uint8 (n, N_CHANNELS, H, W)."""
     if len(shape) != 4 or shape[0] != n or shape[1] != layout.N_CHANNELS or dtype != np.uint8:
         raise InputError(
             f"{path}: images are {dtype} {shape}, expected uint8 ({n}, {layout.N_CHANNELS}, H, W); {REBUILD}"
         )
-    if not out["site_id"]:  # stacks written by other code: the site table's form, well_id_site
-        wells = out["well_id"] or out["well"]
-        out["site_id"] = [f"{w}_{s}" for w, s in zip(wells, out["site"].tolist(), strict=True)]
-    del out["well_id"]
-    for key, values in out.items():
-        if len(values) != n:
-            raise InputError(f"{path}: dataset {key!r} has {len(values)} rows for {n} sites; {REBUILD}")
+
+
+def _check_names(path: str | os.PathLike, attrs: dict, wells: list[str]) -> None:
+    """InputError for an unsafe experiment name, a plate outside 1..4 or an unsafe well name."""
     problem = layout.name_problem("experiment", attrs["experiment"])
     if problem or attrs["plate"] not in layout.PLATES:
         raise InputError(
             f"{path}: attributes name experiment {attrs['experiment']!r} plate {attrs['plate']!r}; "
             f"{problem or 'plate not in 1..4'}"
         )
-    for w in out["well"]:
+    for w in wells:
         problem = layout.name_problem("well", w)
         if problem:
             raise InputError(f"{path}: {problem}")
-    pairs = list(zip(out["well"], out["site"].tolist(), strict=True))
-    if len(set(pairs)) != n:
+
+
+def _check_unique(path: str | os.PathLike, wells: list[str], sites: np.ndarray) -> None:
+    """InputError naming the first (well, site) pair that occurs more than once."""
+    pairs = list(zip(wells, sites.tolist(), strict=True))
+    if len(set(pairs)) != len(pairs):
         dup = next(p for p in pairs if pairs.count(p) > 1)
         raise InputError(f"{path}: well {dup[0]} site {dup[1]} occurs more than once")
-    return {"attrs": attrs, "shape": tuple(shape), **out}
+
+
+def check_stack(path: str | os.PathLike) -> StackInfo:
+    """Structure of a plate stack (a ``StackInfo``), validated without reading the images.
+
+    ``InputError`` names the file and what is wrong: not HDF5 or truncated, a missing dataset or
+    attribute, inconsistent lengths, an unsafe or duplicated well.
+    """
+    with _open_stack(path) as f:
+        attrs = _read_attrs(f, path)
+        shape, dtype, index = _read_index(f, path)
+    n = attrs["n_sites"]
+    _check_images(path, shape, dtype, n)
+    for key, values in index.items():
+        if key not in ("site_id", "well_id") or values:  # both optional (stacks written by other code)
+            if len(values) != n:
+                raise InputError(f"{path}: dataset {key!r} has {len(values)} rows for {n} sites; {REBUILD}")
+    if not index["site_id"]:  # the site table's form, well_id_site
+        wells = index["well_id"] or index["well"]
+        index["site_id"] = [f"{w}_{s}" for w, s in zip(wells, index["site"].tolist(), strict=True)]
+    del index["well_id"]
+    _check_names(path, attrs, index["well"])
+    _check_unique(path, index["well"], index["site"])
+    return StackInfo(attrs=attrs, shape=tuple(shape), **index)
 
 
 def seal(f: h5py.File) -> None:

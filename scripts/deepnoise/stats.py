@@ -63,7 +63,7 @@ def plate_stats(stack: Path | str) -> dict:
     values = np.arange(256, dtype=np.int64)
     offsets = (np.arange(layout.N_CHANNELS, dtype=np.intp) * 256)[:, None]
     info = stacks.check_stack(stack)
-    well_type = info["well_type"]
+    well_type = info.well_type
     try:
         f = h5py.File(stack, "r")
     except OSError as exc:
@@ -74,7 +74,7 @@ def plate_stats(stack: Path | str) -> dict:
         n_sites = {s: 0 for s in SUBSETS}
         for i in range(images.shape[0]):
             # every pixel is read here anyway: verify each site against its CRC on the way
-            site = stacks.read_site_checked(images, i, info["crc32"][i], str(stack), info["site_id"][i])
+            site = stacks.read_site_checked(images, i, info.crc32[i], str(stack), info.site_id[i])
             site = site.reshape(layout.N_CHANNELS, -1)
             h = np.bincount((site + offsets).ravel(), minlength=256 * layout.N_CHANNELS)
             h = h.reshape(layout.N_CHANNELS, 256)
@@ -82,7 +82,7 @@ def plate_stats(stack: Path | str) -> dict:
                 if s == "all" or well_type[i] == s:
                     hist[s] += h
                     n_sites[s] += 1
-    attrs = info["attrs"]
+    attrs = info.attrs
     experiment, plate, cell_type = attrs["experiment"], attrs["plate"], attrs["cell_type"]
     out = {
         "level": "plate",

@@ -274,6 +274,59 @@ class PlateEffects:
     illumination: np.ndarray  # (6, 3, 3) log flat field at the control points
 
 
+@dataclass(frozen=True)
+class Cells:
+    """The elliptical cells of one site (arrays: one entry per cell)."""
+
+    mean_radius: float  # the site's mean cell radius (pixels)
+    cy: np.ndarray  # centre row (pixels)
+    cx: np.ndarray  # centre column (pixels)
+    radii: np.ndarray  # radius (geometric mean of the semi-axes)
+    aspect: np.ndarray  # major / minor semi-axis
+    angle: np.ndarray  # orientation of the major axis (radians)
+    intensity: np.ndarray  # (n, 6) per-channel intensity
+
+
+def _paint_cells(cells: Cells, size: int, nucleus_fraction: float) -> np.ndarray:
+    """The cell signal (6, size, size): nucleus in channel 1, cytoplasm in channels 2-6, each a
+    dome over its ellipse."""
+    nf = nucleus_fraction
+    signal = np.zeros((6, size, size), np.float32)
+    for i in range(len(cells.radii)):
+        a = cells.radii[i] * np.sqrt(cells.aspect[i])  # semi-axes
+        b = cells.radii[i] / np.sqrt(cells.aspect[i])
+        half = int(np.ceil(a)) + 1
+        y0, y1 = max(0, int(cells.cy[i]) - half), min(size, int(cells.cy[i]) + half + 1)
+        x0, x1 = max(0, int(cells.cx[i]) - half), min(size, int(cells.cx[i]) + half + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cells.cy[i]
+        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cells.cx[i]
+        c, s = np.cos(cells.angle[i]), np.sin(cells.angle[i])
+        u = (xx * c + yy * s) / a
+        v = (yy * c - xx * s) / b
+        d2 = u * u + v * v
+        cyto = np.sqrt(np.clip(1.0 - d2, 0.0, None))
+        nucleus = np.sqrt(np.clip(1.0 - d2 / (nf * nf), 0.0, None))
+        signal[0, y0:y1, x0:x1] += cells.intensity[i, 0] * nucleus
+        signal[1:, y0:y1, x0:x1] += cells.intensity[i, 1:, None, None] * cyto[None]
+    return signal
+
+
+def _add_texture(
+    signal: np.ndarray, amplitude: np.ndarray, radius: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Texture: smooth multiplicative noise per channel (drawn from ``rng``) at a scale of ~a third
+    of a cell, applied to ``signal`` in place."""
+    size = signal.shape[-1]
+    coarse = max(2, int(round(size / max(1.0, radius / 3))))
+    field = rng.standard_normal((6, coarse, coarse)).astype(np.float32)
+    up = _upsampler(coarse, size)
+    field = np.matmul(np.matmul(up, field), up.T)
+    signal *= np.clip(1.0 + amplitude[:, None, None].astype(np.float32) * field, 0.0, None)
+    return signal
+
+
 class Screen:
     """The screen's design and all its random effects, from a validated config."""
 
@@ -391,14 +444,26 @@ class Screen:
 
     def render(self, w: Well, site: int) -> np.ndarray:
         """One site: uint8 array (6, S, S)."""
+        fx = self.plate_effects[(w.experiment, w.plate)]
+        rng = _rng(self.seed, "site", w.experiment, w.plate, w.well, site)
+        cells, texture_amp = self._site_cells(w, fx, rng)
+        signal = _paint_cells(cells, self.cfg["image_size"], self.cfg["nucleus_fraction"])
+        signal = _add_texture(signal, texture_amp, cells.mean_radius, rng)
+        # Channel cross-talk, then focus blur.
+        signal = np.tensordot(fx.mixing.astype(np.float32), signal, axes=1)
+        if self.cfg["focus_blur"] > 0:
+            signal = self._focus(signal, w, site, fx)
+        return self._acquire(signal, w.well, fx, rng)
+
+    def _site_cells(self, w: Well, fx: PlateEffects, rng: np.random.Generator) -> tuple[Cells, np.ndarray]:
+        """The cells of one site (class phenotype, cell type, well and plate effects, drawn from
+        ``rng``) and the per-channel amplitude of their texture."""
         cfg = self.cfg
         size = cfg["image_size"]
-        fx = self.plate_effects[(w.experiment, w.plate)]
-        row, col, edge = well_position(w.well)
+        edge = well_position(w.well)[2]
         wrng = _rng(self.seed, "well_effect", w.experiment, w.plate, w.well)
         well_shift = cfg["well_noise"] * wrng.standard_normal(6)
         well_density = cfg["density_well"] * wrng.standard_normal()
-        rng = _rng(self.seed, "site", w.experiment, w.plate, w.well, site)
         ph = self.response[w.experiment][w.sirna_id] + self.appearance[w.cell_type]
         intensity = BASE_INTENSITY * np.exp(ph[0:6] + well_shift) * fx.stain
         texture_amp = 0.35 * np.exp(ph[6:12])
@@ -406,50 +471,34 @@ class Screen:
         n_cells = max(1, int(rng.poisson(cfg["cells_per_site"] * np.exp(log_density))))
         radius = cfg["cell_radius"] * size * np.exp(ph[13] + fx.log_size)
         var = cfg["cell_variability"]
-
-        signal = np.zeros((6, size, size), np.float32)
         cy, cx = rng.uniform(0, size, (2, n_cells))
         radii = radius * np.exp(var * rng.standard_normal(n_cells))
         aspect = np.exp(np.abs(0.3 + ph[14] + 0.2 * rng.standard_normal(n_cells)))
         angle = rng.uniform(0, np.pi, n_cells)
         cell_int = intensity[None, :] * np.exp(var * rng.standard_normal((n_cells, 1)))
-        nf = cfg["nucleus_fraction"]
-        for i in range(n_cells):
-            a = radii[i] * np.sqrt(aspect[i])  # semi-axes
-            b = radii[i] / np.sqrt(aspect[i])
-            half = int(np.ceil(a)) + 1
-            y0, y1 = max(0, int(cy[i]) - half), min(size, int(cy[i]) + half + 1)
-            x0, x1 = max(0, int(cx[i]) - half), min(size, int(cx[i]) + half + 1)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy[i]
-            xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx[i]
-            c, s = np.cos(angle[i]), np.sin(angle[i])
-            u = (xx * c + yy * s) / a
-            v = (yy * c - xx * s) / b
-            d2 = u * u + v * v
-            cyto = np.sqrt(np.clip(1.0 - d2, 0.0, None))
-            nucleus = np.sqrt(np.clip(1.0 - d2 / (nf * nf), 0.0, None))
-            signal[0, y0:y1, x0:x1] += cell_int[i, 0] * nucleus
-            signal[1:, y0:y1, x0:x1] += cell_int[i, 1:, None, None] * cyto[None]
-        # Texture: smooth multiplicative noise per channel at a scale of ~a third of a cell.
-        coarse = max(2, int(round(size / max(1.0, radius / 3))))
-        field = rng.standard_normal((6, coarse, coarse)).astype(np.float32)
-        up = _upsampler(coarse, size)
-        field = np.matmul(np.matmul(up, field), up.T)
-        signal *= np.clip(1.0 + texture_amp[:, None, None].astype(np.float32) * field, 0.0, None)
-        # Channel cross-talk, then focus blur.
-        signal = np.tensordot(fx.mixing.astype(np.float32), signal, axes=1)
-        if cfg["focus_blur"] > 0:
-            log_sigma = (
-                fx.log_focus
-                + cfg["focus_site"]
-                * _rng(self.seed, "focus", w.experiment, w.plate, w.well, site).standard_normal()
-            )
-            sigma = _quantised_sigma(cfg["focus_blur"] * cfg["cell_radius"] * size * np.exp(log_sigma))
-            blur = _blur_matrix(size, sigma)
-            signal = np.matmul(np.matmul(blur, signal), blur.T)
-        # Illumination field x plate gain x well-position gain, then the non-linear response.
+        return Cells(radius, cy, cx, radii, aspect, angle, cell_int), texture_amp
+
+    def _focus(self, signal: np.ndarray, w: Well, site: int, fx: PlateEffects) -> np.ndarray:
+        """The signal blurred by the site's focus (plate and site parts of the blur sigma)."""
+        cfg = self.cfg
+        size = cfg["image_size"]
+        log_sigma = (
+            fx.log_focus
+            + cfg["focus_site"]
+            * _rng(self.seed, "focus", w.experiment, w.plate, w.well, site).standard_normal()
+        )
+        sigma = _quantised_sigma(cfg["focus_blur"] * cfg["cell_radius"] * size * np.exp(log_sigma))
+        blur = _blur_matrix(size, sigma)
+        return np.matmul(np.matmul(blur, signal), blur.T)
+
+    def _acquire(
+        self, signal: np.ndarray, well: str, fx: PlateEffects, rng: np.random.Generator
+    ) -> np.ndarray:
+        """The camera image of a signal: illumination field x plate gain x well-position gain, the
+        non-linear response, the offset and pixel noise (drawn from ``rng``); uint8."""
+        cfg = self.cfg
+        size = cfg["image_size"]
+        row, col, edge = well_position(well)
         flat = np.exp(
             np.matmul(
                 np.matmul(_upsampler(3, size), fx.illumination.astype(np.float32)), _upsampler(3, size).T

@@ -587,6 +587,101 @@ def read_pseudo(hard: str | None, soft: list[str] | None) -> tuple[dict[str, int
     return None, None
 
 
+@dataclass
+class Setup:
+    """What one training run works on: the scope's wells, the trainer, the batch sizes per step."""
+
+    td: TrainData
+    trainer: Trainer
+    b_lab: int  # labelled wells per batch
+    b_unl: int  # unlabelled wells per batch
+    steps: int  # steps per epoch
+    use_unl: bool  # unlabelled wells feed the consistency or pseudo-label loss
+
+
+def setup_training(
+    cfg: TrainConfig,
+    rt: Runtime,
+    *,
+    sites: str,
+    classes: str,
+    stacks: list[str],
+    stats: list[str],
+    scope: str,
+    val_experiments: list[str],
+    pseudo_labels: str | None,
+    soft_targets: list[str] | None,
+) -> Setup:
+    """The wells of ``scope``, their normalisation and a freshly initialised trainer."""
+    index = data.StackIndex.build(stacks)
+    targets, soft_table = read_pseudo(pseudo_labels, soft_targets)
+    td = select_wells(
+        metadata.read_sites(sites),
+        data.read_classes(classes),
+        index,
+        cfg,
+        scope,
+        list(val_experiments),
+        targets,
+        soft=soft_table is not None,
+    )
+    mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
+    b_lab, b_unl, steps = batch_sizes(cfg, len(td.labelled), rt.world, scope)
+    use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or targets is not None)
+    mc = models.model_config(cfg, td.n_classes, td.n_treatments)
+    trainer = Trainer(cfg, mc, rt, mean, std, steps, soft_targets=soft_table)
+    return Setup(td, trainer, b_lab, b_unl, steps, use_unl)
+
+
+def run_epoch(trainer: Trainer, loaders: Loaders, epoch: int, n_treatments: int) -> tuple[dict, dict]:
+    """One epoch of training and validation: ``(log row, validation scores)``; rank 0 logs it."""
+    t0 = time.perf_counter()
+    lr = trainer.start_epoch(epoch)
+    terms, n_images, seconds_train = train_one_epoch(trainer, loaders, epoch)
+    scores = validate(trainer, loaders, n_treatments)
+    row = {"epoch": epoch, "lr": lr, **terms, **scores, "ema_decay": trainer.last_decay}
+    row["seconds"] = time.perf_counter() - t0
+    row["images_per_s"] = n_images * trainer.rt.world / max(seconds_train, 1e-9)
+    if trainer.rt.is_main:
+        log.info(
+            "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
+            epoch, lr, row.get("loss", math.nan), row["val_acc_student"], row["val_acc_teacher"],
+            row["seconds"], row["images_per_s"],
+        )  # fmt: skip
+    return {k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()}, scores
+
+
+def checkpoint_record(
+    epoch: int, trainer: Trainer, fingerprint: str, rows: list[dict], best: Best | None, scope: str
+) -> dict:
+    """The resumable state after ``epoch`` (read back by ``resume_or_init``)."""
+    return {
+        "epoch": epoch,
+        "hparams": dataclasses.asdict(trainer.cfg),
+        "model_config": trainer.model_cfg,
+        "inputs": fingerprint,
+        "log": rows,
+        "rng": checkpoint.rng_state(),
+        "trainer": trainer.state_dict(),
+        "best": best.as_record() if best is not None else None,
+        "scope": scope,
+    }
+
+
+def finish_training(
+    record: dict, rows: list[dict], out_weights: str, out_log: str, checkpoint_dir: str, keep: bool
+) -> None:
+    """Write the weights and the log; drop the resume checkpoint unless ``keep``."""
+    save_weights(out_weights, record)
+    write_log(out_log, rows)
+    sel = record["selected"]
+    log.info(
+        "saved the %s of epoch %d (%s, val acc %.4f)", sel["net"], sel["epoch"], sel["rule"], sel["val_acc"]
+    )
+    if not keep:
+        checkpoint.remove(checkpoint_dir)
+
+
 def run_training(
     *,
     sites: str,
@@ -617,24 +712,11 @@ def run_training(
             torch.backends.cudnn.benchmark = True
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        index = data.StackIndex.build(stacks)
-        targets, soft_table = read_pseudo(pseudo_labels, soft_targets)
-        td = select_wells(
-            metadata.read_sites(sites),
-            data.read_classes(classes),
-            index,
-            cfg,
-            scope,
-            list(val_experiments),
-            targets,
-            soft=soft_table is not None,
-        )
-        mean, std = data.normalization_arrays(stats, cfg.normalization, index.keys)
-        b_lab, b_unl, steps = batch_sizes(cfg, len(td.labelled), rt.world, scope)
-        use_unl = len(td.unlabelled) > 0 and b_unl > 0 and (cfg.mean_teacher or targets is not None)
-        mc = models.model_config(cfg, td.n_classes, td.n_treatments)
-        trainer = Trainer(cfg, mc, rt, mean, std, steps, soft_targets=soft_table)
-
+        setup = setup_training(
+            cfg, rt, sites=sites, classes=classes, stacks=stacks, stats=stats, scope=scope,
+            val_experiments=val_experiments, pseudo_labels=pseudo_labels, soft_targets=soft_targets,
+        )  # fmt: skip
+        trainer, td = setup.trainer, setup.td
         ckpt_path = Path(checkpoint_dir) / checkpoint.CHECKPOINT_NAME
         if rt.is_main:  # a killed save's temporary file (a model and its optimiser: ~73 MB) goes now
             for stale in atomic.remove_stale(ckpt_path):
@@ -643,54 +725,22 @@ def run_training(
             [sites, classes, *stacks, *stats, init, pseudo_labels, *(soft_targets or [])],
             {"scope": scope, "val_experiments": sorted(val_experiments), "world": rt.world, "round": round_},
         )
-        start_epoch, rows, best = resume_or_init(trainer, ckpt_path, mc, fingerprint, init, rt)
-        loaders = make_loaders(cfg, td, rt, b_lab, b_unl, steps, use_unl)
+        start_epoch, rows, best = resume_or_init(trainer, ckpt_path, trainer.model_cfg, fingerprint, init, rt)
+        loaders = make_loaders(cfg, td, rt, setup.b_lab, setup.b_unl, setup.steps, setup.use_unl)
         for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            lr = trainer.start_epoch(epoch)
-            terms, n_images, seconds_train = train_one_epoch(trainer, loaders, epoch)
-            scores = validate(trainer, loaders, td.n_treatments)
+            row, scores = run_epoch(trainer, loaders, epoch, td.n_treatments)
             best = update_best(best, trainer, epoch, scores)
-            row = {"epoch": epoch, "lr": lr, **terms, **scores, "ema_decay": trainer.last_decay}
-            row["seconds"] = time.perf_counter() - t0
-            row["images_per_s"] = n_images * rt.world / max(seconds_train, 1e-9)
-            rows.append({k: _fmt(float(v)) if k != "epoch" else int(v) for k, v in row.items()})
+            rows.append(row)
             if rt.is_main:
-                log.info(
-                    "epoch %d lr %.2e loss %.4f val acc student %.4f teacher %.4f %.1fs %.0f img/s",
-                    epoch, lr, row.get("loss", math.nan), row["val_acc_student"], row["val_acc_teacher"],
-                    row["seconds"], row["images_per_s"],
-                )  # fmt: skip
-                record = {
-                    "epoch": epoch,
-                    "hparams": dataclasses.asdict(cfg),
-                    "model_config": mc,
-                    "inputs": fingerprint,
-                    "log": rows,
-                    "rng": checkpoint.rng_state(),
-                    "trainer": trainer.state_dict(),
-                    "best": best.as_record() if best is not None else None,
-                    "scope": scope,
-                }
+                record = checkpoint_record(epoch, trainer, fingerprint, rows, best, scope)
                 checkpoint.save_checkpoint(ckpt_path, record)
             _barrier(rt)
             if fail_after_epoch is not None and epoch == fail_after_epoch:
                 raise RuntimeError(f"injected failure after epoch {epoch}")
-
         if rt.is_main:
             record = weights_record(trainer, td, best, scope, val_experiments, round_)
-            save_weights(out_weights, record)
-            write_log(out_log, rows)
-            sel = record["selected"]
-            log.info(
-                "saved the %s of epoch %d (%s, val acc %.4f)",
-                sel["net"],
-                sel["epoch"],
-                sel["rule"],
-                sel["val_acc"],
-            )
-            if not (keep_checkpoint or cfg.keep_checkpoint):
-                checkpoint.remove(checkpoint_dir)
+            keep = keep_checkpoint or cfg.keep_checkpoint
+            finish_training(record, rows, out_weights, out_log, checkpoint_dir, keep)
         _barrier(rt)
 
 
