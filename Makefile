@@ -82,7 +82,7 @@ RX1 = $(CURDIR)/dag/rxrx1
 CHROMIUM ?= chromium
 dag-rxrx1: setup
 	mkdir -p $(RX1)/data $(RX1)/work
-	python benchmarks/rxrx1_metadata.py --out $(RX1)/data/metadata.csv
+	python -m tests.fixtures.rxrx1 --out $(RX1)/data/metadata.csv
 	python -c "import yaml; c = yaml.safe_load(open('config/rxrx1.yaml')); c['data']['root'] = '$(RX1)/data'; yaml.safe_dump(c, open('$(RX1)/config.yaml', 'w'))"
 	$(MAKE) dag CONFIG=$(RX1)/config.yaml DAGDIR=$(RX1) DAGOPTS="--directory $(RX1)/work" DAGTITLE="config/rxrx1.yaml, fake RxRx1 metadata" SLICE="--round 0 --model xception --cell-type HUVEC"
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
@@ -95,16 +95,16 @@ report: setup
 
 ## bench: ingest, balancing, training-loader and DAG benchmarks (each prints a table)
 bench: setup
-	python benchmarks/bench_ingest.py
-	python benchmarks/bench_balance.py
+	python -m benchmarks.bench_ingest
+	python -m benchmarks.bench_balance
 	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32 --num-workers 1 --threads 1
-	python benchmarks/bench_dag.py
+	python -m benchmarks.bench_dag
 
 ## ablation: the paper's ladder, 5 seeds (each a new screen), paired differences + Holm (docs/ablation.md);
 ## results/ablation/table.md. ABLATION=config/ablation-gpu.yaml for the device design.
 ABLATION ?= config/ablation.yaml
 ablation: setup
-	python benchmarks/ablation.py --config $(ABLATION)
+	python -m benchmarks.ablation --config $(ABLATION)
 
 clean:
 	rm -rf results logs resources .snakemake report.html dag

@@ -22,8 +22,8 @@ Every run config is checked (``deepnoise.configcheck``) before anything trains: 
 the harness with the key and the run named. Finished runs are reused (only what is missing runs);
 ``--fresh`` starts over; ``--table-only`` rebuilds the tables from finished runs.
 
-    python benchmarks/ablation.py [--config config/ablation.yaml] [--seeds N] [--cores 2] [--parallel 2]
-    python benchmarks/ablation.py --table-only
+    python -m benchmarks.ablation [--config config/ablation.yaml] [--seeds N] [--cores 2] [--parallel 2]
+    python -m benchmarks.ablation --table-only
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO / "config" / "ablation.yaml"
 DEFAULT_OUT = REPO / "results" / "ablation"
-sys.path.insert(0, str(REPO / "scripts"))
 
 # sections every run of a seed shares (the screen and the split): set by `screen`, never by a run
 SHARED_SECTIONS = ("data", "synthetic", "split")
@@ -706,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format="%.4f")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
     pd.concat([steps, steps_val]).to_csv(out / "steps.tsv", sep="\t", index=False, float_format="%.6g")
-    cmd = ("python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = ("python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if timings:
         pd.DataFrame(timings).to_csv(out / "timings.tsv", sep="\t", index=False)
         info = {

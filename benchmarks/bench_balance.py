@@ -7,25 +7,20 @@ before / after balancing with each method for a few levels of model quality, on 
 plate -> group order is a random permutation (non-cyclic for 20 of 24), with how often ``groups``
 found the right order and how often it warned about a weak margin.
 
-    .venv/bin/python benchmarks/bench_balance.py [--repeats 5] [--seeds 3]
+    .venv/bin/python -m benchmarks.bench_balance [--repeats 5] [--seeds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from deepnoise.balance import balance_predictions, infer_plate_groups
 from deepnoise.evaluate import accuracy_table
-
-# The synthetic screens are test scaffolding (tests/balance_cases.py); `tests` is not a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from balance_cases import synthetic_case  # noqa: E402
+from tests.fixtures.balance import synthetic_case  # test scaffolding, shared with the tests
 
 METHODS = ("groups", "exact", "paper")
 

@@ -6,7 +6,7 @@ channel PNGs exist as empty files (51 experiments: 753,984 files), so the stack 
 fingerprint (a stat per PNG) is part of the timing; each size is then timed without and with the
 PNG folders, alternating (paired under the same load).
 
-    python benchmarks/bench_dag.py [--sizes 1 4 13 26 51] [--repeats 3] [--pngs]
+    python -m benchmarks.bench_dag [--sizes 1 4 13 26 51] [--repeats 3] [--pngs]
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from rxrx1_metadata import metadata  # noqa: E402
+from tests.fixtures.rxrx1 import metadata
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ once into ``--workdir`` and reused. Everything is measured in the same run, side
   site's 6 PNGs (goal >= 10x);
 - size on disk of the HDF5 vs the PNGs.
 
-Usage: ``python benchmarks/bench_ingest.py [--size 512] [--wells 308] [--workdir DIR]``.
+Usage: ``python -m benchmarks.bench_ingest [--size 512] [--wells 308] [--workdir DIR]``.
 """
 
 from __future__ import annotations

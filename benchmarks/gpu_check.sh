@@ -7,14 +7,14 @@ OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 if ls .whl/timm-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/timm-*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD/scripts:$PWD/tests PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/scripts:$PWD PYTHONUNBUFFERED=1
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))"
 echo "=== CUDA smoke: train (interrupted + resumed) with CRC-verified reads"
 timeout 90 python3 - <<'PY'
 import tempfile, logging
 from pathlib import Path
 logging.basicConfig(level=logging.WARNING)
-import train_fixtures as tf
+from tests.fixtures import train as tf
 from deepnoise.errors import InputError
 root = Path(tempfile.mkdtemp())
 s = tf.make_screen(root, image_size=32, wells_per_treatment=4, plates=(1, 2, 3))

@@ -1,11 +1,11 @@
 """Hostile inputs of the ingestion stage (`deepnoise sites`, `deepnoise stack`) and what each does.
 
-Builds a tiny rxrx1-layout release per case (tests/data_fixtures.py), damages it, runs the CLI the
+Builds a tiny rxrx1-layout release per case (tests/fixtures/data.py), damages it, runs the CLI the
 rules call in a subprocess, and records the message, exit code, files left in the output folder
 (temporary files included), and what a rerun does after the input is repaired. Writes the markdown
 table of docs/hostile-inputs.md:
 
-    PYTHONPATH=scripts python benchmarks/hostile.py --out docs/hostile-inputs.md
+    PYTHONPATH=scripts python -m benchmarks.hostile --out docs/hostile-inputs.md
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tests.fixtures.data import write_png, write_rxrx1
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from data_fixtures import write_png, write_rxrx1  # noqa: E402
 
 
 def _md(root: Path, edit) -> None:
@@ -75,7 +75,7 @@ CASES = {
 
 
 def _resize_plate(root: Path, work: Path) -> None:
-    from data_fixtures import fixture_wells
+    from tests.fixtures.data import fixture_wells
 
     wells = fixture_wells()
     odd = wells[(wells.experiment == "HUVEC-02") & (wells.plate == 2)]
@@ -148,12 +148,12 @@ def main() -> None:
     if args.out:
         head = (
             "# Hostile inputs of the ingestion stage\n\n"
-            "Each row: a tiny rxrx1-layout release (tests/data_fixtures.py) damaged one way, "
+            "Each row: a tiny rxrx1-layout release (tests/fixtures/data.py) damaged one way, "
             "the CLI the rule calls, its message (paths shortened to …), exit code, "
             "the files left in its output folder "
             "(temporary files included) and what the same command does once the input is repaired.\n"
             "Regenerate with:\n\n"
-            "    PYTHONPATH=scripts python benchmarks/hostile.py --out docs/hostile-inputs.md\n\n"
+            "    PYTHONPATH=scripts python -m benchmarks.hostile --out docs/hostile-inputs.md\n\n"
         )
         args.out.write_text(head + table)
     print(table)

@@ -2,22 +2,18 @@
 on fabricated runs."""
 
 import copy
-import importlib.util
 import json
 import math
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
+from benchmarks import ablation
+from tests.fixtures.workflow import REPO
 
 
 # ---------------------------------------------------------------- statistics
@@ -419,9 +415,8 @@ def test_tables_from_fabricated_runs(tmp_path):
 
 
 def test_rebalanced_stage_scores_and_caches(tmp_path):
-    from balance_cases import synthetic_case
-
     from deepnoise.ensemble import save_predictions
+    from tests.fixtures.balance import synthetic_case
 
     sites, pred, truth = synthetic_case(n_classes=40, signal=2.0, seed=1, eval_dataset="test")
     res = tmp_path / "results"
@@ -448,12 +443,12 @@ def test_footer_from_run_json(tmp_path):
         ablation.footer_text(tmp_path / "run.json", "python x --table-only")
         == "Command: `python x --table-only`"
     )
-    info = {"command": "python benchmarks/ablation.py", "wall_minutes": 51.04, "cores": 2, "parallel": 2,
+    info = {"command": "python -m benchmarks.ablation", "wall_minutes": 51.04, "cores": 2, "parallel": 2,
             "cpus": 2, "machine": "x86_64", "runs": 40, "finished": "2026-01-01 10:00"}  # fmt: skip
     (tmp_path / "run.json").write_text(json.dumps(info))
     text = ablation.footer_text(tmp_path / "run.json", "python x --table-only")
     assert text.startswith(
-        "Command: `python benchmarks/ablation.py`; wall time 51.0 min with --cores 2 --parallel 2"
+        "Command: `python -m benchmarks.ablation`; wall time 51.0 min with --cores 2 --parallel 2"
     )
 
 

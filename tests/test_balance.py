@@ -4,7 +4,6 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from balance_cases import synthetic_case
 
 from deepnoise import cli
 from deepnoise.balance import (
@@ -16,6 +15,7 @@ from deepnoise.balance import (
 from deepnoise.ensemble import Predictions, load_predictions, save_predictions
 from deepnoise.errors import InputError
 from deepnoise.evaluate import accuracy_table
+from tests.fixtures.balance import synthetic_case
 
 
 def _true_assignment(pred, truth, groups):

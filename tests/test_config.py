@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import jsonschema
 import pandas as pd
 import pytest
-from workflow_utils import REPO, load_tiny, snakemake, write_config
 
 from deepnoise import configcheck, hparams, split
 from deepnoise.errors import InputError
 from deepnoise.hparams import TrainConfig
 from deepnoise.layout import Experiment
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from rxrx1_metadata import metadata as rxrx1_metadata  # noqa: E402
+from tests.fixtures.rxrx1 import metadata as rxrx1_metadata
+from tests.fixtures.workflow import REPO, load_tiny, snakemake, write_config
 
 SCHEMA = configcheck.load_schema(REPO / "workflow/schemas/config.schema.yaml")
 

@@ -5,15 +5,13 @@ the metadata alone (no images on disk)."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
 import yaml
-from workflow_utils import REPO, Job, plan, snakemake
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from rxrx1_metadata import metadata  # noqa: E402
+from tests.fixtures.rxrx1 import metadata
+from tests.fixtures.workflow import REPO, Job, plan, snakemake
 
 
 def plan_from_repo_root(configfile: Path) -> list[Job]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -17,13 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_utils import REPO, TINY, snakemake
 
 from deepnoise import cli, dag
 from deepnoise.errors import InputError
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from rxrx1_metadata import metadata  # noqa: E402
+from tests.fixtures.rxrx1 import metadata
+from tests.fixtures.workflow import REPO, TINY, snakemake
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

@@ -2,15 +2,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import train_fixtures as tf
 
 from deepnoise import data, metadata
 from deepnoise.errors import InputError
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory):
-    return tf.make_screen(tmp_path_factory.mktemp("screen"), n_treatments=4, wells_per_treatment=1)
 
 
 def _wells(screen):
@@ -18,8 +12,8 @@ def _wells(screen):
     return index, index.locate(data.well_table(metadata.read_sites(screen.sites)))
 
 
-def test_dataset_returns_the_right_site(screen):
-    index, wells = _wells(screen)
+def test_dataset_returns_the_right_site(data_screen):
+    index, wells = _wells(data_screen)
     ds = data.StackDataset(index.files, wells, wells["sirna_id"].to_numpy())
     for i in (0, 5, len(wells) - 1):
         w = wells.iloc[i]
@@ -36,9 +30,9 @@ def test_dataset_returns_the_right_site(screen):
         assert index.keys[w.file_idx] == (w.experiment, w.plate)
 
 
-def test_normalization_uses_the_wells_plate(screen):
-    index, wells = _wells(screen)
-    mean, std = data.normalization_arrays(screen.stats, "plate", index.keys)
+def test_normalization_uses_the_wells_plate(data_screen):
+    index, wells = _wells(data_screen)
+    mean, std = data.normalization_arrays(data_screen.stats, "plate", index.keys)
     ds = data.StackDataset(index.files, wells)
     img, norm_idx, _, _ = ds[(3, 0)]
     out = data.normalize_batch(img[None], torch.tensor([norm_idx]), torch.tensor(mean), torch.tensor(std))
@@ -73,8 +67,8 @@ def test_train_sampler_random_site_per_well_and_deterministic():
     assert list(data.EpochSampler(5, 0, shuffle=False, random_site=False)) == [0, 1, 2, 3, 4]
 
 
-def test_loader_with_workers(screen):
-    index, wells = _wells(screen)
+def test_loader_with_workers(data_screen):
+    index, wells = _wells(data_screen)
     ds = data.StackDataset(index.files, wells, wells["sirna_id"].to_numpy())
     sampler = data.EpochSampler(len(ds), 0, shuffle=False, random_site=False)
     loader = data.make_loader(ds, sampler, 4, num_workers=1, pin_memory=False, drop_last=False)
@@ -84,12 +78,14 @@ def test_loader_with_workers(screen):
     assert torch.equal(torch.cat([b[3] for b in batches]), torch.arange(len(ds)))
 
 
-def test_missing_stack_and_site_errors(screen, tmp_path):
-    index = data.StackIndex.build(screen.stacks[:1])
-    wells = data.well_table(metadata.read_sites(screen.sites))
+def test_missing_stack_and_site_errors(data_screen, tmp_path):
+    index = data.StackIndex.build(data_screen.stacks[:1])
+    wells = data.well_table(metadata.read_sites(data_screen.sites))
     with pytest.raises(InputError, match="no stack given for experiment"):
         index.locate(wells)
     with pytest.raises(InputError, match="also in"):
-        data.StackIndex.build(screen.stacks[:1] * 2)
+        data.StackIndex.build(data_screen.stacks[:1] * 2)
     with pytest.raises(InputError, match="HUVEC-01 plate 2"):
-        data.normalization_arrays(screen.stats[:1], "plate", data.StackIndex.build(screen.stacks).keys)
+        data.normalization_arrays(
+            data_screen.stats[:1], "plate", data.StackIndex.build(data_screen.stacks).keys
+        )

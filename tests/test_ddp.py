@@ -28,7 +28,8 @@ import sys
 import pandas as pd
 import pytest
 import torch
-import train_fixtures as tf
+
+from tests.fixtures import train as tf
 
 pytestmark = pytest.mark.slow
 

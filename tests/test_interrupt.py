@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-from workflow_utils import SNAKEFILE, load_tiny, plan, result_files, same_content, snakemake, write_config
+
+from tests.fixtures.workflow import (
+    SNAKEFILE,
+    load_tiny,
+    plan,
+    result_files,
+    same_content,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from data_fixtures import N_TREATMENTS, fixture_wells, write_kaggle, write_png, write_rxrx1
 
 from deepnoise.cli import main
 from deepnoise.metadata import SITE_COLUMNS, TRUTH_COLUMNS, build_sites, read_sites
+from tests.fixtures.data import N_TREATMENTS, fixture_wells, write_kaggle, write_png, write_rxrx1
 
 
 def sites_cli(tmp_path, source, root, *extra):

@@ -13,12 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from workflow_utils import REPO, SNAKEFILE, load_tiny, snakemake, write_config
 
 from deepnoise import plan
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from rxrx1_metadata import metadata  # noqa: E402
+from tests.fixtures.rxrx1 import metadata
+from tests.fixtures.workflow import REPO, SNAKEFILE, load_tiny, snakemake, write_config
 
 # A CPU job's measured runtime is within this factor of its forecast (either way). Why 3: the CPU
 # rows are measured on a 2-core machine shared with other jobs (run-to-run spread up to ~2x under

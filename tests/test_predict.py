@@ -1,19 +1,10 @@
 import numpy as np
 import pytest
 import torch
-import train_fixtures as tf
 
 from deepnoise import cli, data, metadata, models
 from deepnoise.errors import InputError
 from deepnoise.weights import load_weights
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pred")
-    screen = tf.make_screen(root, image_size=16, wells_per_treatment=2)
-    tf.train_tiny(screen, root, {"epochs": 1})
-    return screen, root / "weights.pt"
 
 
 def _args(screen, weights, out, experiments=("HUVEC-02", "HUVEC-03"), cell_type="HUVEC"):
@@ -52,40 +43,43 @@ def _reference(screen, weights, well_id: str, n_views: int) -> np.ndarray:
         return net(views)[:, : screen.n_treatments].softmax(1).mean(0).numpy()
 
 
-def test_predict_npz_format_and_tta(trained, tmp_path):
-    screen, weights = trained
+def test_predict_npz_format_and_tta(tiny_screen, tiny_model, tmp_path):
     out = tmp_path / "p.npz"
-    assert cli.main(_args(screen, weights, out)) == 0
+    assert cli.main(_args(tiny_screen, tiny_model, out)) == 0
     z = np.load(out)
     assert set(z.files) == {"well_id", "experiment", "plate", "well", "dataset", "probs"}
     n = len(z["well_id"])
     expect = [
-        w for w, c in screen.truth.items() if w[:8] in ("HUVEC-02", "HUVEC-03") and c < screen.n_treatments
+        w
+        for w, c in tiny_screen.truth.items()
+        if w[:8] in ("HUVEC-02", "HUVEC-03") and c < tiny_screen.n_treatments
     ]
     assert sorted(z["well_id"].tolist()) == sorted(expect)
-    assert z["probs"].shape == (n, screen.n_treatments) and z["probs"].dtype == np.float32
+    assert z["probs"].shape == (n, tiny_screen.n_treatments) and z["probs"].dtype == np.float32
     np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
     assert set(z["dataset"].tolist()) == {"train", "test"} and z["plate"].dtype.kind == "U"
     # reference: the selected model's softmax over treatment logits, mean of 2 sites x 8 views
-    np.testing.assert_allclose(z["probs"][3], _reference(screen, weights, z["well_id"][3], 8), atol=1e-5)
+    np.testing.assert_allclose(
+        z["probs"][3], _reference(tiny_screen, tiny_model, z["well_id"][3], 8), atol=1e-5
+    )
 
 
-def test_predict_without_tta_is_the_unaugmented_view(trained, tmp_path):
+def test_predict_without_tta_is_the_unaugmented_view(tiny_screen, tiny_model, tmp_path):
     """``--no-tta`` (config predict.tta: false) averages the two sites of the image as it is, only."""
-    screen, weights = trained
     out = tmp_path / "p1.npz"
-    assert cli.main([*_args(screen, weights, out), "--no-tta"]) == 0
+    assert cli.main([*_args(tiny_screen, tiny_model, out), "--no-tta"]) == 0
     z = np.load(out)
-    np.testing.assert_allclose(z["probs"][3], _reference(screen, weights, z["well_id"][3], 1), atol=1e-5)
+    np.testing.assert_allclose(
+        z["probs"][3], _reference(tiny_screen, tiny_model, z["well_id"][3], 1), atol=1e-5
+    )
     tta = tmp_path / "p8.npz"
-    assert cli.main(_args(screen, weights, tta)) == 0
+    assert cli.main(_args(tiny_screen, tiny_model, tta)) == 0
     assert not np.allclose(np.load(tta)["probs"], z["probs"], atol=1e-4)
 
 
-def test_predict_errors(trained, tmp_path):
-    screen, weights = trained
-    assert cli.main(_args(screen, weights, tmp_path / "x.npz", cell_type="RPE")) == 2
-    assert cli.main(_args(screen, weights, tmp_path / "x.npz", experiments=("NOPE-01",))) == 2
+def test_predict_errors(tiny_screen, tiny_model, tmp_path):
+    assert cli.main(_args(tiny_screen, tiny_model, tmp_path / "x.npz", cell_type="RPE")) == 2
+    assert cli.main(_args(tiny_screen, tiny_model, tmp_path / "x.npz", experiments=("NOPE-01",))) == 2
     with pytest.raises(InputError, match="cannot read weights"):
         load_weights(tmp_path / "missing.pt")
     assert not (tmp_path / "x.npz").exists()

@@ -18,17 +18,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import train_fixtures as tf
 import yaml
-from workflow_utils import REPO, load_tiny, snakemake, write_config
 
 from deepnoise import checkpoint, cli, configcheck, data, layout, metadata, models, stacks, train
 from deepnoise import weights as weights_file
 from deepnoise.ensemble import load_predictions, save_predictions
 from deepnoise.errors import InputError
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from rxrx1_metadata import metadata as rxrx1_metadata  # noqa: E402
+from tests.fixtures import train as tf
+from tests.fixtures.rxrx1 import metadata as rxrx1_metadata
+from tests.fixtures.workflow import REPO, load_tiny, snakemake, write_config
 
 # ------------------------------------------------------------------------------------------------
 # Configuration: rejected before any job starts, naming the key and the allowed values
@@ -256,18 +254,17 @@ def test_test_labels_do_not_reach_the_site_table(tmp_path):
     assert not t0.equals(t1)  # the labels did change, in the truth file only
 
 
-def test_training_never_takes_labels_of_test_experiments(screen):
+def test_training_never_takes_labels_of_test_experiments(tiny_screen):
     """Even a site table that carried the test labels would not label a test well for training: the
     labelled set is `dataset == train` minus validation; unlabelled targets are pseudo labels only."""
-    scr, _ = screen
-    sites = metadata.read_sites(scr.sites)
+    sites = metadata.read_sites(tiny_screen.sites)
     test = sites["dataset"] == "test"
-    sites.loc[test, "sirna_id"] = [scr.truth[w] for w in sites.loc[test, "well_id"]]  # leaked
+    sites.loc[test, "sirna_id"] = [tiny_screen.truth[w] for w in sites.loc[test, "well_id"]]  # leaked
     a_test_well = sites.loc[test, "well_id"].iloc[0]
     td = train.select_wells(
         sites,
-        json.loads(scr.classes.read_text()),
-        data.StackIndex.build(scr.stacks),
+        json.loads(tiny_screen.classes.read_text()),
+        data.StackIndex.build(tiny_screen.stacks),
         train.TrainConfig(),
         "all",
         ["HUVEC-02"],
@@ -280,7 +277,7 @@ def test_training_never_takes_labels_of_test_experiments(screen):
 
 
 def test_truth_is_no_input_of_training_or_pseudo_labels(tmp_path):
-    from workflow_utils import plan
+    from tests.fixtures.workflow import plan
 
     configfile = write_config(tmp_path, load_tiny())
     jobs = plan(tmp_path, configfile, "--forceall")
@@ -293,12 +290,8 @@ def test_truth_is_no_input_of_training_or_pseudo_labels(tmp_path):
 # Corrupt intermediate files: named, never used, no output left behind
 
 
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory):
-    root = tmp_path_factory.mktemp("screen")
-    scr = tf.make_screen(root, image_size=16, wells_per_treatment=2)
-    tf.train_tiny(scr, root / "model", {"epochs": 1})
-    return scr, root / "model" / "weights.pt"
+# tiny_screen and tiny_model (tests/conftest.py) are shared by the whole session: a test that damages
+# a stack damages a copy (_copy_screen); outputs go to the test's tmp_path.
 
 
 def _copy_screen(scr, tmp_path):
@@ -368,10 +361,9 @@ STACK_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(STACK_DAMAGE))
-def test_damaged_stack_is_named_by_plate_stats(screen, tmp_path, damage, capsys):
-    scr, _ = screen
+def test_damaged_stack_is_named_by_plate_stats(tiny_screen, tmp_path, damage, capsys):
     harm, expected = STACK_DAMAGE[damage]
-    stack = _copy_screen(scr, tmp_path)[0]
+    stack = _copy_screen(tiny_screen, tmp_path)[0]
     harm(stack)
     out = tmp_path / "stats.json"
     assert cli.main(["plate-stats", "--stack", str(stack), "--out", str(out)]) == 2
@@ -382,22 +374,22 @@ def test_damaged_stack_is_named_by_plate_stats(screen, tmp_path, damage, capsys)
 
 @pytest.mark.parametrize("damage", ["truncated", "pixels edited", "well duplicated"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_damaged_stack_is_never_used_for_prediction(screen, tmp_path, damage, workers, capsys):
-    scr, weights = screen
+def test_damaged_stack_is_never_used_for_prediction(
+    tiny_screen, tiny_model, tmp_path, damage, workers, capsys
+):
     harm, expected = STACK_DAMAGE[damage]
-    stack_files = _copy_screen(scr, tmp_path)
+    stack_files = _copy_screen(tiny_screen, tmp_path)
     victim = next(p for p in stack_files if p.parent.name == "HUVEC-02")
     harm(victim)
     out = tmp_path / "pred.npz"
-    assert _predict(scr, weights, stack_files, out, workers) == 2
+    assert _predict(tiny_screen, tiny_model, stack_files, out, workers) == 2
     err = capsys.readouterr().err
     assert str(victim) in err and re.search(expected.replace("HUVEC-01", "HUVEC-02"), err), err
     assert not out.exists() and not list(tmp_path.glob(".pred.npz*"))
 
 
-def test_damaged_stack_stops_training(screen, tmp_path):
-    scr, _ = screen
-    stack_files = _copy_screen(scr, tmp_path)
+def test_damaged_stack_stops_training(tiny_screen, tmp_path):
+    stack_files = _copy_screen(tiny_screen, tmp_path)
     with h5py.File(stack_files[0]) as f:
         n_sites = f["images"].shape[0]
     for row in range(n_sites):  # every site: training reads one random site per well
@@ -405,54 +397,50 @@ def test_damaged_stack_stops_training(screen, tmp_path):
     with pytest.raises(
         InputError, match=rf"{re.escape(str(stack_files[0]))}: site .* does not match the checksum"
     ):
-        tf.train_tiny(scr, tmp_path / "m", {"epochs": 1}, stacks=[str(p) for p in stack_files])
+        tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1}, stacks=[str(p) for p in stack_files])
     assert not (tmp_path / "m" / "weights.pt").exists()
 
 
-def test_corrupt_resume_checkpoint_is_named_and_kept(screen, tmp_path):
-    scr, _ = screen
+def test_corrupt_resume_checkpoint_is_named_and_kept(tiny_screen, tmp_path):
     ckpt = tmp_path / "m" / "ckpt" / checkpoint.CHECKPOINT_NAME
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04 not really a checkpoint")
     with pytest.raises(InputError, match=rf"{re.escape(str(ckpt))}: cannot read the resume checkpoint.*rm "):
-        tf.train_tiny(scr, tmp_path / "m", {"epochs": 1})
+        tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})
     assert ckpt.read_bytes().startswith(b"PK\x03\x04 not")  # not silently replaced
     torch.save({"epoch": 0}, ckpt)
     with pytest.raises(InputError, match="not a deepnoise resume checkpoint"):
-        tf.train_tiny(scr, tmp_path / "m", {"epochs": 1})
+        tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})
     assert not (tmp_path / "m" / "weights.pt").exists()
 
 
-def test_second_training_into_the_same_checkpoints_is_refused(screen, tmp_path):
-    scr, _ = screen
+def test_second_training_into_the_same_checkpoints_is_refused(tiny_screen, tmp_path):
     ckpt_dir = tmp_path / "m" / "ckpt"
     with checkpoint.checkpoint_lock(ckpt_dir):
         with pytest.raises(
             InputError, match=rf"{re.escape(str(ckpt_dir))}: checkpoint directory in use by pid {os.getpid()}"
         ):
-            tf.train_tiny(scr, tmp_path / "m", {"epochs": 1})
-    tf.train_tiny(scr, tmp_path / "m", {"epochs": 1})  # the lock went with its holder
+            tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})
+    tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})  # the lock went with its holder
 
 
-def test_corrupt_or_foreign_weights_are_named(screen, tmp_path, capsys):
-    scr, weights = screen
+def test_corrupt_or_foreign_weights_are_named(tiny_screen, tiny_model, tmp_path, capsys):
     bad = tmp_path / "weights.pt"
-    bad.write_bytes(weights.read_bytes()[:1000])
-    assert _predict(scr, bad, scr.stacks, tmp_path / "p.npz") == 2
+    bad.write_bytes(tiny_model.read_bytes()[:1000])
+    assert _predict(tiny_screen, bad, tiny_screen.stacks, tmp_path / "p.npz") == 2
     assert f"{bad}: cannot read weights (truncated or corrupt" in capsys.readouterr().err
-    state = torch.load(weights, weights_only=True)
+    state = torch.load(tiny_model, weights_only=True)
     torch.save({**state, "scope": "RPE"}, bad)
-    assert _predict(scr, bad, scr.stacks, tmp_path / "p.npz") == 2
+    assert _predict(tiny_screen, bad, tiny_screen.stacks, tmp_path / "p.npz") == 2
     assert f"{bad}: weights fine-tuned for 'RPE', not for cell type HUVEC" in capsys.readouterr().err
     assert not (tmp_path / "p.npz").exists()
 
 
 @pytest.fixture(scope="module")
-def predictions(screen, tmp_path_factory):
-    scr, weights = screen
+def predictions(tiny_screen, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred") / "pred.npz"
-    assert _predict(scr, weights, scr.stacks, out) == 0
-    return scr, out
+    assert _predict(tiny_screen, tiny_model, tiny_screen.stacks, out) == 0
+    return tiny_screen, out
 
 
 def _balance(scr, pred, out, *extra):
@@ -503,12 +491,11 @@ def test_predictions_with_mislabelled_or_missing_wells_are_refused(predictions, 
     assert _balance(scr, path, out) == 0
 
 
-def test_stack_check_reports_structure(screen):
-    scr, _ = screen
-    info = stacks.check_stack(scr.stacks[0])
+def test_stack_check_reports_structure(tiny_screen):
+    info = stacks.check_stack(tiny_screen.stacks[0])
     assert info.attrs["experiment"] == "HUVEC-01" and len(info.crc32) == info.shape[0]
-    index = data.StackIndex.build(scr.stacks)
-    assert len(index.crcs) == len(scr.stacks)
+    index = data.StackIndex.build(tiny_screen.stacks)
+    assert len(index.crcs) == len(tiny_screen.stacks)
 
 
 # ------------------------------------------------------------------------------------------------

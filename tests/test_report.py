@@ -227,7 +227,7 @@ def test_percentile_stretch_fills_the_range():
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory):
     """A real tiny run (one cell type, one round; r18 without mean teacher) and its report."""
-    from workflow_utils import load_tiny, snakemake, write_config
+    from tests.fixtures.workflow import load_tiny, snakemake, write_config
 
     workdir = tmp_path_factory.mktemp("reportrun")
     cfg = load_tiny(cell_types=["HUVEC"], rounds=1, **{"models.r18.mean_teacher": False})

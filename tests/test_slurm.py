@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from workflow_utils import result_files, same_content
+
+from tests.fixtures.workflow import result_files, same_content
 
 pytestmark = pytest.mark.slurm
 

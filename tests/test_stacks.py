@@ -5,11 +5,11 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from data_fixtures import site_image, write_png, write_rxrx1
 from PIL import Image
 
 from deepnoise.cli import main
 from deepnoise.metadata import build_sites
+from tests.fixtures.data import site_image, write_png, write_rxrx1
 
 EXPERIMENT, PLATE = "HUVEC-02", 2
 
@@ -142,7 +142,7 @@ def test_unknown_plate_and_compression(release, tmp_path, capsys):
 import os  # noqa: E402
 import stat  # noqa: E402
 
-from workflow_utils import load_tiny, plan, snakemake, write_config  # noqa: E402
+from tests.fixtures.workflow import load_tiny, plan, snakemake, write_config  # noqa: E402
 
 RUN_EXPERIMENTS = ("HUVEC-01", "RPE-01")
 

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import site_image, write_rxrx1
 
 from deepnoise.cli import main
 from deepnoise.metadata import build_sites
 from deepnoise.stats import normalization_table
+from tests.fixtures.data import site_image, write_rxrx1
 
 PLATES = [("HUVEC-01", 1), ("HUVEC-01", 2), ("HUVEC-02", 1), ("HUVEC-02", 2), ("RPE-01", 1)]
 

@@ -7,18 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import train_fixtures as tf
 
 from deepnoise import cli, train
 from deepnoise.errors import InputError
+from tests.fixtures import train as tf
 
 TINY = tf.TINY
 _run = tf.train_tiny
-
-
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory):
-    return tf.make_screen(tmp_path_factory.mktemp("screen"), image_size=16, wells_per_treatment=2)
 
 
 def test_config_defaults_and_errors():
@@ -45,15 +40,15 @@ def test_device_selection(monkeypatch):
         train.select_device("cuda")
 
 
-def test_resume_is_bit_identical(screen, tmp_path, caplog):
-    full = _run(screen, tmp_path / "full")
+def test_resume_is_bit_identical(tiny_screen, tmp_path, caplog):
+    full = _run(tiny_screen, tmp_path / "full")
     with pytest.raises(RuntimeError, match="injected"):
-        _run(screen, tmp_path / "cut", fail_after_epoch=0, cfg={"num_workers": 1})
+        _run(tiny_screen, tmp_path / "cut", fail_after_epoch=0, cfg={"num_workers": 1})
     assert not (tmp_path / "cut" / "weights.pt").exists()
     ckpt = torch.load(tmp_path / "cut" / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and len(ckpt["log"]) == 1
     with caplog.at_level(logging.INFO, logger="deepnoise.train"):
-        resumed = _run(screen, tmp_path / "cut")
+        resumed = _run(tiny_screen, tmp_path / "cut")
     assert "resuming from" in caplog.text and "after epoch 0" in caplog.text
     for part in ("student", "teacher"):
         for key, value in full[part].items():
@@ -62,40 +57,40 @@ def test_resume_is_bit_identical(screen, tmp_path, caplog):
     cols = ["epoch", "lr", "loss", "loss_ce", "val_acc_student", "val_acc_teacher"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert list(a.columns) == train.LOG_COLUMNS and list(a["lr"]) == [2e-3, 2e-3, 1e-3]
-    assert full["model_config"]["n_classes"] == screen.n_treatments + screen.n_controls
+    assert full["model_config"]["n_classes"] == tiny_screen.n_treatments + tiny_screen.n_controls
     assert not all(torch.equal(full["student"][k], full["teacher"][k]) for k in full["student"])
     # a finished run's resume checkpoint is deleted with its weights written, unless kept
     assert not (tmp_path / "cut" / "ckpt" / "last.pt").exists()
-    _run(screen, tmp_path / "kept", cfg={"epochs": 1, "keep_checkpoint": True})
+    _run(tiny_screen, tmp_path / "kept", cfg={"epochs": 1, "keep_checkpoint": True})
     assert (tmp_path / "kept" / "ckpt" / "last.pt").exists()
 
 
-def test_tiny_model_beats_chance(screen, tmp_path):
-    w = _run(screen, tmp_path, cfg={"epochs": 6, "lr_milestones": [], "lr_values": [], "lr": 3e-3})
+def test_tiny_model_beats_chance(tiny_screen, tmp_path):
+    w = _run(tiny_screen, tmp_path, cfg={"epochs": 6, "lr_milestones": [], "lr_values": [], "lr": 3e-3})
     log = pd.read_csv(tmp_path / "log.csv")
-    chance = 1 / screen.n_treatments
+    chance = 1 / tiny_screen.n_treatments
     assert log["val_acc_teacher"].iloc[-1] > 3 * chance, log
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
     assert w["scope"] == "all"
     # fewer labelled wells than the batch size: the batch shrinks to them (one step per epoch)
-    small = _run(screen, tmp_path / "small", cfg={"epochs": 1, "batch_size": 500})
+    small = _run(tiny_screen, tmp_path / "small", cfg={"epochs": 1, "batch_size": 500})
     assert small["epochs"] == 1
 
 
-def test_finetune_scope_pseudo_labels_and_cli(screen, tmp_path):
-    _run(screen, tmp_path / "all", cfg={"epochs": 1})
-    test_wells = [w for w in screen.truth if w.startswith("HUVEC-03")]
+def test_finetune_scope_pseudo_labels_and_cli(tiny_screen, tmp_path):
+    _run(tiny_screen, tmp_path / "all", cfg={"epochs": 1})
+    test_wells = [w for w in tiny_screen.truth if w.startswith("HUVEC-03")]
     pd.DataFrame(
-        {"well_id": test_wells, "sirna_id": [screen.truth[w] for w in test_wells], "selected": 1}
+        {"well_id": test_wells, "sirna_id": [tiny_screen.truth[w] for w in test_wells], "selected": 1}
     ).to_csv(tmp_path / "pseudo.csv", index=False)
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({**TINY, "epochs": 1, "softmax_only": True}))
     common = [
         "train",
-        "--sites", str(screen.sites),
-        "--classes", str(screen.classes),
-        "--stacks", *map(str, screen.stacks),
-        "--stats", *map(str, screen.stats),
+        "--sites", str(tiny_screen.sites),
+        "--classes", str(tiny_screen.classes),
+        "--stacks", *map(str, tiny_screen.stacks),
+        "--stats", *map(str, tiny_screen.stats),
         "--scope", "HUVEC",
         "--val-experiments", "HUVEC-02",
         "--init", str(tmp_path / "all" / "weights.pt"),
@@ -192,7 +187,7 @@ def test_bench_train_smoke(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(screen, tmp_path):
+def test_ddp_two_cpu_processes(tiny_screen, tmp_path):
     """torchrun with 2 CPU processes (gloo): trains, rank 0 alone writes the outputs."""
     import subprocess
     import sys
@@ -200,8 +195,8 @@ def test_ddp_two_cpu_processes(screen, tmp_path):
 
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "deepnoise", "train"]
-    cmd += ["--sites", str(screen.sites), "--classes", str(screen.classes)]
-    cmd += ["--stacks", *map(str, screen.stacks), "--stats", *map(str, screen.stats)]
+    cmd += ["--sites", str(tiny_screen.sites), "--classes", str(tiny_screen.classes)]
+    cmd += ["--stacks", *map(str, tiny_screen.stacks), "--stats", *map(str, tiny_screen.stats)]
     cmd += ["--hparams", json.dumps({**TINY, "epochs": 2}), "--scope", "all", "--val-experiments", "HUVEC-02"]
     cmd += ["--out-weights", str(tmp_path / "w.pt"), "--out-log", str(tmp_path / "log.csv")]
     cmd += ["--checkpoint-dir", str(tmp_path / "ckpt"), "--threads", "1", "--device", "cpu"]
@@ -225,9 +220,9 @@ def test_several_gpus_relaunch_through_torchrun(monkeypatch):
 # ---------------------------------------------------------------- honest models (issue 12)
 
 
-def test_no_teacher_without_mean_teacher(screen, tmp_path):
+def test_no_teacher_without_mean_teacher(tiny_screen, tmp_path):
     """mean_teacher: false trains, selects, saves and predicts the student; no teacher exists."""
-    w = _run(screen, tmp_path, cfg={"mean_teacher": False, "epochs": 2})
+    w = _run(tiny_screen, tmp_path, cfg={"mean_teacher": False, "epochs": 2})
     assert w["teacher"] is None and w["selected"]["net"] == "student"
     log = pd.read_csv(tmp_path / "log.csv")
     assert log["val_acc_teacher"].isna().all() and log["ema_decay"].isna().all()
@@ -241,7 +236,7 @@ def test_no_teacher_without_mean_teacher(screen, tmp_path):
     assert trainer.teacher is None and [n for n, _ in trainer.networks()] == ["student"]
 
 
-def test_compile_is_refused_on_cpu_with_its_key(screen, tmp_path):
+def test_compile_is_refused_on_cpu_with_its_key(tmp_path):
     """train.compile (a CUDA speed knob) is refused for CPU training, naming the key and the fix."""
     cfg = train.TrainConfig.from_dict({**TINY, "compile": True})
     rt = train.setup_runtime("cpu", 1)
@@ -274,8 +269,8 @@ def test_best_validation_epoch_is_selected():
     assert train.update_best(None, trainer, 0, {"val_acc_teacher": float("nan")}) is None
 
 
-def test_saved_model_is_the_best_teacher_epoch(screen, tmp_path):
-    w = _run(screen, tmp_path, cfg={"epochs": 4, "ema_max_window": 0.3})
+def test_saved_model_is_the_best_teacher_epoch(tiny_screen, tmp_path):
+    w = _run(tiny_screen, tmp_path, cfg={"epochs": 4, "ema_max_window": 0.3})
     log = pd.read_csv(tmp_path / "log.csv")
     scores = log["val_acc_teacher"].to_numpy()
     best = int(np.flatnonzero(scores == scores.max())[-1])
@@ -285,16 +280,16 @@ def test_saved_model_is_the_best_teacher_epoch(screen, tmp_path):
     # the EMA decay is capped on a short run (12 steps): the teacher averages over <= 30% of them
     assert log["ema_decay"].max() < TINY["ema_decay"], log["ema_decay"].tolist()
     # without validation the last epoch is saved
-    last = _run(screen, tmp_path / "noval", cfg={"epochs": 2}, val_experiments=[])
+    last = _run(tiny_screen, tmp_path / "noval", cfg={"epochs": 2}, val_experiments=[])
     assert last["selected"]["rule"] == "last epoch" and last["selected"]["epoch"] == 1
     assert all(torch.equal(last["model"][k], last["teacher"][k]) for k in last["teacher"])
 
 
-def test_round_seeds_differ_and_round_zero_keeps_the_seed(screen, tmp_path):
+def test_round_seeds_differ_and_round_zero_keeps_the_seed(tiny_screen, tmp_path):
     """A round r > 0 with unchanged inputs does not reproduce round r - 1 bit for bit."""
     assert train.round_seed(7, 0) == 7 and len({train.round_seed(7, r) for r in range(5)}) == 5
-    a = _run(screen, tmp_path / "r0", cfg={"epochs": 1})
-    b = _run(screen, tmp_path / "r1", cfg={"epochs": 1}, round_=1)
+    a = _run(tiny_screen, tmp_path / "r0", cfg={"epochs": 1})
+    b = _run(tiny_screen, tmp_path / "r1", cfg={"epochs": 1}, round_=1)
     assert b["round"] == 1 and b["hparams"]["seed"] == train.round_seed(0, 1)
     assert not all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -309,37 +304,38 @@ def _ft(screen, out, init, lr, **kw):
     )  # fmt: skip
 
 
-def test_stale_checkpoint_is_set_aside_and_init_is_loaded(screen, tmp_path, caplog):
+def test_stale_checkpoint_is_set_aside_and_init_is_loaded(tiny_screen, tmp_path, caplog):
     """The README's "change one setting, rerun": a fine-tune whose folder holds a checkpoint of
     another lr (or of other --init weights) starts from --init exactly as a fresh run does."""
     init_a = tmp_path / "a"
-    _run(screen, init_a, cfg={"epochs": 1})
-    fresh = _ft(screen, tmp_path / "fresh", init_a / "weights.pt", 1e-3)
+    _run(tiny_screen, init_a, cfg={"epochs": 1})
+    fresh = _ft(tiny_screen, tmp_path / "fresh", init_a / "weights.pt", 1e-3)
     # a finished run of another lr kept its checkpoint; an interrupted one of another lr too
-    _ft(screen, tmp_path / "ft", init_a / "weights.pt", 5e-3, keep_checkpoint=True)
+    _ft(tiny_screen, tmp_path / "ft", init_a / "weights.pt", 5e-3, keep_checkpoint=True)
     with caplog.at_level(logging.WARNING, logger="deepnoise.checkpoint"):
-        again = _ft(screen, tmp_path / "ft", init_a / "weights.pt", 1e-3)
+        again = _ft(tiny_screen, tmp_path / "ft", init_a / "weights.pt", 1e-3)
     assert "lr 0.005 -> 0.001" in caplog.text and "moved to" in caplog.text
     assert not list((tmp_path / "ft" / "ckpt").glob("last.pt*"))  # both gone with the weights written
     for k in fresh["model"]:
         assert torch.equal(fresh["model"][k], again["model"][k]), k
     # the shared weights are rebuilt (other seed): the fine-tune restarts from them
     init_b = tmp_path / "b"
-    _run(screen, init_b, cfg={"epochs": 1, "seed": 5})
+    _run(tiny_screen, init_b, cfg={"epochs": 1, "seed": 5})
     with pytest.raises(RuntimeError, match="injected"):
-        _ft(screen, tmp_path / "ft2", init_a / "weights.pt", 1e-3, fail_after_epoch=0)
+        _ft(tiny_screen, tmp_path / "ft2", init_a / "weights.pt", 1e-3, fail_after_epoch=0)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepnoise.checkpoint"):
-        rebuilt = _ft(screen, tmp_path / "ft2", init_b / "weights.pt", 1e-3)
+        rebuilt = _ft(tiny_screen, tmp_path / "ft2", init_b / "weights.pt", 1e-3)
     assert "input contents changed" in caplog.text
-    fresh_b = _ft(screen, tmp_path / "fresh_b", init_b / "weights.pt", 1e-3)
+    fresh_b = _ft(tiny_screen, tmp_path / "fresh_b", init_b / "weights.pt", 1e-3)
     for k in fresh_b["model"]:
         assert torch.equal(fresh_b["model"][k], rebuilt["model"][k]), k
 
 
-def test_fingerprint_hashes_contents_not_mtimes(screen, tmp_path, caplog):
+def test_fingerprint_hashes_contents_not_mtimes(tiny_screen, tmp_path, caplog):
     import os
 
+    screen = tf.copy_screen(tiny_screen, tmp_path / "screen")  # its mtimes are changed below
     with pytest.raises(RuntimeError, match="injected"):
         _run(screen, tmp_path, cfg={"epochs": 2}, fail_after_epoch=0)
     for path in [screen.sites, *screen.stacks, *screen.stats]:
@@ -357,23 +353,23 @@ def test_fingerprint_hashes_contents_not_mtimes(screen, tmp_path, caplog):
 # ---------------------------------------------------------------- pseudo-label targets
 
 
-def test_soft_and_hard_pseudo_targets(screen, tmp_path):
+def test_soft_and_hard_pseudo_targets(tiny_screen, tmp_path):
     from deepnoise.ensemble import Predictions, save_predictions
 
-    test_wells = sorted(w for w in screen.truth if w.startswith("HUVEC-03") and screen.truth[w] < 6)
-    probs = np.full((len(test_wells), screen.n_treatments), 0.02, np.float32)
+    test_wells = sorted(w for w in tiny_screen.truth if w.startswith("HUVEC-03") and tiny_screen.truth[w] < 6)
+    probs = np.full((len(test_wells), tiny_screen.n_treatments), 0.02, np.float32)
     for i, w in enumerate(test_wells):
-        probs[i, screen.truth[w]] = 1 - 0.02 * (screen.truth[w] and screen.n_treatments - 1)
+        probs[i, tiny_screen.truth[w]] = 1 - 0.02 * (tiny_screen.truth[w] and tiny_screen.n_treatments - 1)
     pred = Predictions.from_well_ids(test_wells, "test", probs / probs.sum(1, keepdims=True))
     save_predictions(pred, tmp_path / "ens.npz")
-    soft = _run(screen, tmp_path / "soft", cfg={"epochs": 1}, soft_targets=[str(tmp_path / "ens.npz")])
+    soft = _run(tiny_screen, tmp_path / "soft", cfg={"epochs": 1}, soft_targets=[str(tmp_path / "ens.npz")])
     log = pd.read_csv(tmp_path / "soft" / "log.csv")
     assert log["loss_pseudo"].iloc[0] > 0 and soft["round"] == 0
     with pytest.raises(InputError, match="give one, not both"):
-        _run(screen, tmp_path / "x", soft_targets=["a"], pseudo_labels="b")
+        _run(tiny_screen, tmp_path / "x", soft_targets=["a"], pseudo_labels="b")
 
 
-def test_a_killed_checkpoint_save_leaves_nothing_behind(screen, tmp_path, caplog):
+def test_a_killed_checkpoint_save_leaves_nothing_behind(tiny_screen, tmp_path, caplog):
     """A training killed while saving its checkpoint left a temporary file (a model + optimiser); the
     next start of the same training removes it before training."""
     from deepnoise import atomic
@@ -384,5 +380,5 @@ def test_a_killed_checkpoint_save_leaves_nothing_behind(screen, tmp_path, caplog
     leftover.write_bytes(b"half a checkpoint")
     assert atomic.stale_temps(ckpt) == [leftover]
     with caplog.at_level(logging.INFO, logger="deepnoise.train"):
-        _run(screen, tmp_path, cfg={"epochs": 1})
+        _run(tiny_screen, tmp_path, cfg={"epochs": 1})
     assert not leftover.exists() and "left by an interrupted checkpoint save" in caplog.text

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from workflow_utils import SNAKEFILE, copy_run, load_tiny, plan, snakemake, write_config
 
 from deepnoise import why
 from deepnoise.plan import PlannedJob
+from tests.fixtures.workflow import SNAKEFILE, copy_run, load_tiny, plan, snakemake, write_config
 
 
 def run_why(workdir, configfile) -> str:

@@ -11,7 +11,16 @@ import json
 
 import pandas as pd
 import pytest
-from workflow_utils import copy_run, load_tiny, plan, result_files, same_content, snakemake, write_config
+
+from tests.fixtures.workflow import (
+    copy_run,
+    load_tiny,
+    plan,
+    result_files,
+    same_content,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
