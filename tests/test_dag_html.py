@@ -6,10 +6,8 @@ skipped with the reason when chromium is absent, except in CI (env CI set), wher
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,10 +17,9 @@ import yaml
 
 from deepnoise import cli, dag
 from deepnoise.errors import InputError
+from tests.fixtures.browser import chrome
 from tests.fixtures.rxrx1 import metadata
 from tests.fixtures.workflow import REPO, TINY, snakemake
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def _outputs(workdir: Path, configfile: Path) -> tuple[Path, Path, Path]:
@@ -113,35 +110,6 @@ def test_slice_names_wildcards(tiny, tmp_path):
     assert cli.main([*argv, "--model", "nope"]) == 2
 
 
-def _chrome():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        reason = f"{CHROMIUM} / {CHROMEDRIVER} absent (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run the browser test")
-        pytest.skip(reason)
-    if not os.environ.get("CI"):
-        pytest.importorskip("selenium", reason="selenium absent (pip install -e '.[dev]')")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
-        "--window-size=1600,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 @pytest.mark.slow
 def test_rxrx1_page_in_chromium(rxrx1, tmp_path):
     from selenium.webdriver.common.by import By
@@ -153,7 +121,7 @@ def test_rxrx1_page_in_chromium(rxrx1, tmp_path):
     assert cli.main(["dag-html", "--dot", str(jobs_dot), "--dry-run", str(dry_run), "--out", str(page)]) == 0
     total = _total(dry_run)
     assert total > 500  # the full plan: 204 stacks and plate stats, 3 rounds
-    driver = _chrome()
+    driver = chrome()
     try:
         start = time.perf_counter()
         driver.get(page.as_uri())

@@ -10,6 +10,7 @@ import pytest
 from deepnoise import cli
 from deepnoise.errors import InputError
 from deepnoise.report import CHANNEL_RGB, accuracy_table, plot_training, provenance, to_rgb
+from tests.fixtures.browser import chrome
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -268,9 +269,8 @@ def report_screenshots(report: Path, outdir: Path) -> dict[str, Path]:
     the screenshots and fails when the accuracy table or the provenance is not visible in a caption."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_dag_html import _chrome
 
-    driver = _chrome()
+    driver = chrome()
     shots = {}
     seen_captions = set()
 
