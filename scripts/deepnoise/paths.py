@@ -31,6 +31,10 @@ ENSEMBLE = "results/round{round}/ensemble/{cell_type}.npz"
 BALANCED = "results/round{round}/balanced/{cell_type}.npz"
 PSEUDO_LABELS = "results/round{round}/pseudo_labels.csv"
 METRICS = "results/round{round}/metrics.json"
+# Snakemake benchmark files of the GPU jobs (wall and CPU seconds, memory): the cost record
+TRAIN_BENCHMARK = "logs/benchmarks/round{round}/train/{model}.tsv"
+FINETUNE_BENCHMARK = "logs/benchmarks/round{round}/finetune/{model}_{cell_type}.tsv"
+PREDICT_BENCHMARK = "logs/benchmarks/round{round}/predict/{model}_{cell_type}.tsv"
 
 # ---------------------------------------------------------------- across rounds, report
 SUMMARY = "results/summary.tsv"

@@ -16,7 +16,7 @@ rule train:
     log:
         "logs/round{round}/train/{model}.log",
     benchmark:
-        "logs/benchmarks/round{round}/train/{model}.tsv"
+        paths.TRAIN_BENCHMARK
     conda:
         CONDA_ENV
     threads: threads_of("train")
@@ -54,7 +54,7 @@ rule finetune:
     log:
         "logs/round{round}/finetune/{model}_{cell_type}.log",
     benchmark:
-        "logs/benchmarks/round{round}/finetune/{model}_{cell_type}.tsv"
+        paths.FINETUNE_BENCHMARK
     conda:
         CONDA_ENV
     threads: threads_of("train")
@@ -91,7 +91,7 @@ rule predict:
     log:
         "logs/round{round}/predict/{model}_{cell_type}.log",
     benchmark:
-        "logs/benchmarks/round{round}/predict/{model}_{cell_type}.tsv"
+        paths.PREDICT_BENCHMARK
     conda:
         CONDA_ENV
     threads: threads_of("predict")
