@@ -189,9 +189,38 @@ def set_dotted(cfg: dict, dotted: str, value) -> None:
     node[last] = copy.deepcopy(value)
 
 
+# keys of a study that `extends:` merges key by key (dotted config keys); every other key replaces
+MERGED_SECTIONS = ("screen", "overrides")
+
+
+def read_study(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """The ablation config at ``path``, with ``extends: <design>`` (relative to the repository)
+    resolved: the extended design's keys, then this file's; ``screen`` and ``overrides`` merge key by
+    key, any other key (runs, rows, steps, seeds...) replaces the extended one."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ValueError(f"{path}: `extends` cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        where = f" (extended by {_chain[-1]})" if _chain else ""
+        raise ValueError(f"{path}: cannot read the ablation design{where}: {exc.strerror}") from exc
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    study = read_study(REPO / parent, (*_chain, path))
+    for key, value in raw.items():
+        if key in MERGED_SECTIONS:
+            study[key] = {**(study.get(key) or {}), **(value or {})}
+        else:
+            study[key] = value
+    return study
+
+
 def load_study(path: str | os.PathLike) -> dict:
-    """The ablation config, checked: rows name runs, steps name rows, runs keep the screen shared."""
-    study = yaml.safe_load(Path(path).read_text())
+    """The ablation config (``extends`` resolved), checked: rows name runs, steps name rows, runs
+    keep the screen shared."""
+    study = read_study(path)
     for key in ("base", "runs", "rows", "steps"):
         if key not in study:
             raise ValueError(f"{path}: missing key {key!r}")

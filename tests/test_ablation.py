@@ -186,6 +186,51 @@ def test_load_study_rejects_bad_configs(tmp_path):
             ablation.load_study(_write(tmp_path, bad))
 
 
+def test_extends_merges_screen_and_overrides_and_replaces_the_rest(tmp_path):
+    overrides = {"train.epochs": 4, "train.head": "softmax"}
+    parent = _write(tmp_path, {**STUDY, "seeds": 5, "overrides": overrides})
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(parent),  # relative to the repository, or absolute
+                "seeds": 7,
+                "screen": {"synthetic.train_experiments_per_cell_type": 9},
+                "overrides": {"train.epochs": 30},
+            }
+        )
+    )
+    study = ablation.load_study(child)
+    assert study["seeds"] == 7 and study["runs"] == STUDY["runs"] and study["steps"] == STUDY["steps"]
+    assert study["screen"] == {**STUDY["screen"], "synthetic.train_experiments_per_cell_type": 9}
+    assert study["overrides"] == {"train.epochs": 30, "train.head": "softmax"}
+    assert "extends" not in study
+    # the merged study is checked like any other: a bad key in the child is named
+    child.write_text(yaml.safe_dump({"extends": str(parent), "screen": {"train.epochs": 1}}))
+    with pytest.raises(ValueError, match="screen key 'train.epochs'"):
+        ablation.load_study(child)
+    child.write_text(yaml.safe_dump({"extends": str(tmp_path / "nope.yaml")}))
+    with pytest.raises(ValueError, match="nope.yaml: cannot read the ablation design \\(extended by"):
+        ablation.load_study(child)
+    child.write_text(yaml.safe_dump({"extends": str(child)}))
+    with pytest.raises(ValueError, match="`extends` cycle"):
+        ablation.load_study(child)
+
+
+def test_large_design_is_the_small_one_with_more_data_and_epochs():
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    small = ablation.load_study(REPO / "config" / "ablation.yaml")
+    large = ablation.load_study(REPO / "config" / "ablation-large.yaml")
+    for run in small["runs"]:
+        a, b = ablation.run_config(base, small, run, 2), ablation.run_config(base, large, run, 2)
+        assert b["synthetic"].pop("train_experiments_per_cell_type") == 9
+        a["synthetic"].pop("train_experiments_per_cell_type")
+        assert (b["train"].pop("epochs"), b["train"].pop("lr_milestones")) == (30, [19, 26])
+        a["train"].pop("epochs"), a["train"].pop("lr_milestones")
+        assert a == b, run
+    assert large["rows"] == small["rows"] and large["steps"] == small["steps"] and large["seeds"] == 5
+
+
 def test_seeds_change_the_screen_and_all_training_seeds():
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     study = {**STUDY, "seed_stride": 100, "runs": {"b": {"models": {"m1": {}, "m2": {"seed": 1}}}}}
@@ -202,7 +247,7 @@ def test_seeds_change_the_screen_and_all_training_seeds():
 def test_real_study_config_is_a_ladder():
     """config/ablation.yaml and -gpu.yaml: every step changes what its label says, on one screen."""
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for name in ("ablation.yaml", "ablation-gpu.yaml"):
+    for name in ("ablation.yaml", "ablation-gpu.yaml", "ablation-large.yaml"):
         study = ablation.load_study(REPO / "config" / name)
         assert int(study["seeds"]) >= 5, name
         cfg = {r: ablation.run_config(base, study, r, 1) for r in study["runs"]}
