@@ -101,7 +101,8 @@ bench: setup
 	python -m benchmarks.bench_dag
 
 ## ablation: the paper's ladder, 5 seeds (each a new screen), paired differences + Holm (docs/ablation.md);
-## results/ablation/table.md. ABLATION=config/ablation-gpu.yaml for the device design.
+## results/ablation/table.md. ABLATION=config/ablation-gpu.yaml for the device design,
+## ABLATION=config/ablation-large.yaml for the pilot-sized CPU design (~4 h of 2 cores).
 ABLATION ?= config/ablation.yaml
 ablation: setup
 	python -m benchmarks.ablation --config $(ABLATION)
