@@ -657,6 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", default=None, help="output folder (default: results/ablation, or the config's `out`)"
     )
     ap.add_argument("--seeds", type=int, default=None, help="replicates (default: the config's `seeds`)")
+    ap.add_argument(
+        "--run-seeds", type=int, nargs="+", default=None,
+        help="train only these of the seeds (default: all); the table covers every seed with results",
+    )  # fmt: skip
     ap.add_argument("--cores", type=int, default=None, help="snakemake --cores of each run (default: config)")
     ap.add_argument("--parallel", type=int, default=None, help="runs side by side (default: config)")
     ap.add_argument("--runs", nargs="*", help="only these runs (default: all)")
@@ -672,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n_seeds < 2:
         ap.error("--seeds must be >= 2 (paired intervals)")
     seeds = list(range(n_seeds))
+    run_seeds = seeds if args.run_seeds is None else sorted(set(args.run_seeds))
+    if not set(run_seeds) <= set(seeds):
+        ap.error(f"--run-seeds {run_seeds}: seeds are 0..{n_seeds - 1} (--seeds {n_seeds})")
     cores = int(args.cores or study.get("cores", 2))
     parallel = int(args.parallel or study.get("parallel", 2))
     runs = list(args.runs or study["runs"])
@@ -694,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = run_config(base, study, r, 0)
             return int(cfg["rounds"]) * len(cfg["models"]) * (2 if cfg["train"].get("mean_teacher") else 1)
 
-        for s in seeds:
+        for s in run_seeds:
             tasks[("data", s)] = (
                 lambda s=s: prepare_data(base, study, work, s, cores),
                 [],
@@ -710,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # seed, runs that others start from first, then the costly ones
                 feeds = any((study["runs"][x] or {}).get("from") == r for x in runs)
                 tasks[(r, s)] = (fn, deps, 1000 * (n_seeds - s) + cost(r) + (100 if feeds else 0))
-        print(f"{len(tasks)} tasks ({n_seeds} seeds), {parallel} at a time, --cores {cores} each", flush=True)
+        print(f"{len(tasks)} tasks, seeds {run_seeds}, {parallel} at a time, --cores {cores}", flush=True)
         timings = schedule(tasks, parallel)
     wall = time.perf_counter() - t0
 
