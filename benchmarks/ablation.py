@@ -553,6 +553,72 @@ def long_table(study: dict, read: Callable[[dict, int], dict | None], seeds: Seq
     return pd.DataFrame(lines, columns=["id", "seed", *METRICS])
 
 
+# ---------------------------------------------------------------- runs of another checkout
+# Study keys that say how the harness runs, not what a seed's runs compute: left out of the design's
+# fingerprint, so a ledger from a run with other --cores, --parallel or --seeds still joins.
+RUNTIME_KEYS = ("out", "cores", "parallel", "keep_checkpoints", "seeds")
+# runs.tsv keeps 4 decimals: a rerun agrees with its ledger line when every metric is within this
+LEDGER_TOLERANCE = 1e-3
+
+
+def design_fingerprint(study: dict, base: dict) -> str:
+    """sha256 of what a seed's runs compute: the study (``extends`` resolved) without its runtime
+    keys, and the base workflow config. Equal fingerprints = the same screen, arms and rows."""
+    import hashlib
+
+    design = {k: v for k, v in study.items() if k not in RUNTIME_KEYS}
+    text = json.dumps({"study": design, "base": base}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_ledger(path: str | os.PathLike, fingerprint: str) -> pd.DataFrame:
+    """``runs.tsv`` of an earlier run of this design (another checkout, e.g. committed to docs/):
+    its lines, after checking that the ``run.json`` beside it names the same design fingerprint."""
+    path = Path(path)
+    info_path = path.parent / "run.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except OSError as exc:
+        raise ValueError(f"ledger {path}: no {info_path.name} beside it to say its design") from exc
+    if info.get("design") != fingerprint:
+        raise ValueError(
+            f"ledger {path}: design {info.get('design')!r} (in {info_path}) is not this design "
+            f"{fingerprint!r}: its runs computed another screen, arms or rows"
+        )
+    lines = pd.read_csv(path, sep="\t")
+    missing = [c for c in ("id", "seed", *METRICS) if c not in lines.columns]
+    if missing:
+        raise ValueError(f"ledger {path}: missing columns {', '.join(missing)}")
+    return lines[["id", "seed", *METRICS]]
+
+
+def merge_ledger(
+    long: pd.DataFrame, ledger: pd.DataFrame, study: dict, seeds: Sequence[int]
+) -> tuple[pd.DataFrame, list[str]]:
+    """``long`` (this checkout's runs) with the ledger's lines for the (row, seed) pairs it lacks,
+    over ``seeds`` only, in seed then study-row order; plus one message for every pair both have
+    whose metrics differ by more than ``LEDGER_TOLERANCE`` (a rerun that did not reproduce)."""
+    ledger = ledger[ledger["seed"].isin(seeds)].drop_duplicates(["id", "seed"], keep="first")
+    mine = long.set_index(["id", "seed"])
+    theirs = ledger.set_index(["id", "seed"])
+    mismatches = []
+    for key in mine.index.intersection(theirs.index):
+        a = mine.loc[key, list(METRICS)].astype(float).to_numpy()
+        b = theirs.loc[key, list(METRICS)].astype(float).to_numpy()
+        same = (np.isnan(a) & np.isnan(b)) | (np.abs(a - b) <= LEDGER_TOLERANCE)
+        if not same.all():
+            diff = ", ".join(
+                f"{m} {x:g} vs {y:g}" for m, x, y, ok in zip(METRICS, a, b, same, strict=True) if not ok
+            )
+            mismatches.append(f"row {key[0]!r} seed {key[1]}: this run vs ledger: {diff}")
+    extra = ledger[~ledger.set_index(["id", "seed"]).index.isin(mine.index)]
+    merged = pd.concat([long, extra], ignore_index=True) if len(extra) else long.copy()
+    order = {row["id"]: i for i, row in enumerate(study["rows"])}
+    merged = merged[merged["id"].isin(order)]
+    merged = merged.assign(_o=merged["id"].map(order)).sort_values(["seed", "_o"], kind="stable")
+    return merged.drop(columns="_o").reset_index(drop=True)[["id", "seed", *METRICS]], mismatches
+
+
 # ---------------------------------------------------------------- the table
 def summarise(study: dict, long: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
     """One line per row (study order): paper value, seeds, mean and sd of every metric, and the
@@ -637,14 +703,38 @@ def markdown(table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str
 
 def footer_text(run_json: Path, cmd: str) -> str:
     """The command and wall time of the last run that trained (``run.json``), else just ``cmd``."""
-    if not run_json.exists():
-        return f"Command: `{cmd}`"
-    info = json.loads(run_json.read_text())
-    return (
-        f"Command: `{info['command']}`; wall time {info['wall_minutes']:.1f} min with --cores {info['cores']}"
-        f" --parallel {info.get('parallel', '?')} ({info['cpus']} CPUs, {info['machine']}), "
-        f"{info['runs']} runs, finished {info['finished']}."
-    )
+    info = json.loads(run_json.read_text()) if run_json.exists() else {}
+    if "wall_minutes" not in info:
+        text = f"Command: `{cmd}`."
+    else:
+        text = (
+            f"Command: `{info['command']}`; wall time {info['wall_minutes']:.1f} min with --cores "
+            f"{info['cores']} --parallel {info.get('parallel', '?')} ({info['cpus']} CPUs, "
+            f"{info['machine']}), {info['runs']} runs, finished {info['finished']}"
+            + (f" at commit {info['commit']}." if info.get("commit") else ".")
+        )
+    if info.get("ledger"):
+        text += f" Seeds not run here come from {', '.join(f'`{p}`' for p in info['ledger'])}"
+        text += f" (design {info['design']})."
+    if info.get("ledger_mismatches"):
+        text += " Reruns that differ from the ledger: " + "; ".join(info["ledger_mismatches"]) + "."
+    return text
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 # ---------------------------------------------------------------- main
@@ -666,6 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="*", help="only these runs (default: all)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the tables from finished runs")
     ap.add_argument("--fresh", action="store_true", help="delete <out>/work first")
+    ap.add_argument(
+        "--ledger", nargs="+", default=[], metavar="RUNS_TSV",
+        help="runs.tsv of earlier runs of this design (another checkout; a run.json with the same "
+        "design fingerprint beside it): their seeds join the table where this checkout has none",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     study = load_study(args.config)
@@ -688,6 +783,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(run_config(base, study, r, 0)["rounds"]) < rounds_needed(study, r):
             ap.error(f"run {r!r}: its rows read round {rounds_needed(study, r) - 1}, set its rounds")
     check_run_configs(base, study, runs)
+    fingerprint = design_fingerprint(study, base)
+    try:
+        ledger = [read_ledger(p, fingerprint) for p in args.ledger]
+    except ValueError as exc:
+        ap.error(str(exc))
 
     t0 = time.perf_counter()
     timings = []
@@ -734,6 +834,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return read_row(wd, row, cfg_cache[key], json.loads(path.read_text()))
 
     long = long_table(study, read, seeds)
+    mismatches: list[str] = []
+    if ledger:
+        long, mismatches = merge_ledger(long, pd.concat(ledger, ignore_index=True), study, seeds)
+        for m in mismatches:
+            print(f"WARNING: a rerun differs from its ledger: {m}", file=sys.stderr)
+    with_results = sorted(int(x) for x in long["seed"].unique())
     steps = step_table(long, study["steps"], PRIMARY)
     steps_val = step_table(long, study["steps"], "validation")
     table = summarise(study, long, steps)
@@ -742,15 +848,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
     pd.concat([steps, steps_val]).to_csv(out / "steps.tsv", sep="\t", index=False, float_format="%.6g")
     cmd = ("python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    info = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     if timings:
         pd.DataFrame(timings).to_csv(out / "timings.tsv", sep="\t", index=False)
         info = {
             "command": cmd, "wall_minutes": round(wall / 60, 1), "cores": cores, "parallel": parallel,
             "cpus": os.cpu_count(), "machine": platform.machine(), "runs": len(timings),
-            "finished": time.strftime("%Y-%m-%d %H:%M"),
+            "finished": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
         }  # fmt: skip
-        (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    md = markdown(table, steps, n_seeds, footer_text(out / "run.json", cmd))
+    info |= {
+        "design": fingerprint, "seeds_with_results": with_results,
+        "ledger": [str(p) for p in args.ledger], "ledger_mismatches": mismatches,
+    }  # fmt: skip
+    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    md = markdown(table, steps, len(with_results), footer_text(out / "run.json", cmd))
     (out / "table.md").write_text(md)
     print()
     print(md)

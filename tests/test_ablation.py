@@ -486,7 +486,7 @@ def test_rebalanced_stage_scores_and_caches(tmp_path):
 def test_footer_from_run_json(tmp_path):
     assert (
         ablation.footer_text(tmp_path / "run.json", "python x --table-only")
-        == "Command: `python x --table-only`"
+        == "Command: `python x --table-only`."
     )
     info = {"command": "python -m benchmarks.ablation", "wall_minutes": 51.04, "cores": 2, "parallel": 2,
             "cpus": 2, "machine": "x86_64", "runs": 40, "finished": "2026-01-01 10:00"}  # fmt: skip
@@ -522,3 +522,102 @@ def test_run_one_copies_and_drops_checkpoints_of_finished_runs(tmp_path, monkeyp
     assert not (wd / "results" / "checkpoints").exists()
     ablation.run_one(base, {**study, "keep_checkpoints": True}, work, "a", 0, 1)
     assert (wd / "results" / "checkpoints" / "round0").exists()
+
+
+# ---------------------------------------------------------------- runs of another checkout
+def _large():
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return base, ablation.load_study(REPO / "config" / "ablation-large.yaml")
+
+
+def test_design_fingerprint_ignores_runtime_keys_only():
+    base, study = _large()
+    fp = ablation.design_fingerprint(study, base)
+    runtime = copy.deepcopy(study) | {"cores": 16, "parallel": 8, "seeds": 10, "out": "elsewhere"}
+    assert ablation.design_fingerprint(runtime, base) == fp
+    other = copy.deepcopy(study)
+    other["overrides"]["train.epochs"] = 31
+    assert ablation.design_fingerprint(other, base) != fp
+    base2 = copy.deepcopy(base)
+    base2["train"]["lr"] = 1.0
+    assert ablation.design_fingerprint(study, base2) != fp
+    small = ablation.load_study(REPO / "config" / "ablation.yaml")
+    assert ablation.design_fingerprint(small, base) != fp
+
+
+def _ledger(tmp_path, lines, design):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cols = ["id", "seed", *ablation.METRICS]
+    pd.DataFrame(lines, columns=cols).to_csv(tmp_path / "runs.tsv", sep="\t", index=False)
+    (tmp_path / "run.json").write_text(json.dumps({"design": design}))
+    return tmp_path / "runs.tsv"
+
+
+def _line(row, seed, test, **kw):
+    return {"id": row, "seed": seed, "test": test, "validation": test + 1, "student": np.nan,
+            "teacher": np.nan, "pseudo_validation": np.nan, "pseudo_test": np.nan,
+            "pseudo_changed": np.nan} | kw  # fmt: skip
+
+
+def test_read_ledger_checks_its_design_and_columns(tmp_path):
+    path = _ledger(tmp_path / "a", [_line("a1", 0, 40.0)], "abc")
+    assert ablation.read_ledger(path, "abc")["test"].tolist() == [40.0]
+    with pytest.raises(ValueError, match="design 'abc'.*is not this design 'xyz'"):
+        ablation.read_ledger(path, "xyz")
+    (tmp_path / "a" / "run.json").unlink()
+    with pytest.raises(ValueError, match="no run.json beside it"):
+        ablation.read_ledger(path, "abc")
+    bad = _ledger(tmp_path / "b", [_line("a1", 0, 40.0)], "abc")
+    pd.read_csv(bad, sep="\t").drop(columns="teacher").to_csv(bad, sep="\t", index=False)
+    with pytest.raises(ValueError, match="missing columns teacher"):
+        ablation.read_ledger(bad, "abc")
+
+
+def test_ledger_fills_missing_seeds_and_flags_reruns_that_differ():
+    study = copy.deepcopy(STUDY)
+    mine = pd.DataFrame([_line("a1", 1, 41.0), _line("b1", 1, 61.0), _line("a1", 2, 42.0)])
+    ledger = pd.DataFrame(
+        [
+            _line("b1", 0, 60.0), _line("a1", 0, 40.0),  # seed 0: only in the ledger
+            _line("a1", 1, 41.0004),  # a rerun within the tsv's rounding: agrees
+            _line("b1", 1, 63.5, pseudo_test=70.0),  # a rerun that differs
+            _line("a1", 9, 1.0),  # outside the seeds asked for
+            _line("gone", 0, 1.0),  # a row the study no longer has
+        ]
+    )  # fmt: skip
+    merged, mismatches = ablation.merge_ledger(mine, ledger, study, [0, 1, 2])
+    assert list(zip(merged["id"], merged["seed"], strict=True)) == [
+        ("a1", 0),
+        ("b1", 0),
+        ("a1", 1),
+        ("b1", 1),
+        ("a1", 2),
+    ]
+    assert merged.set_index(["id", "seed"]).loc[("b1", 1), "test"] == 61.0  # this checkout wins
+    assert len(mismatches) == 1
+    assert "row 'b1' seed 1" in mismatches[0] and "test 61 vs 63.5" in mismatches[0]
+    assert "pseudo_test nan vs 70" in mismatches[0] and "student" not in mismatches[0]
+
+
+def test_table_only_joins_a_ledger_of_the_same_design(tmp_path):
+    base, study = _large()
+    fp = ablation.design_fingerprint(study, base)
+    lines = [_line(r["id"], s, 10.0 + s + (5.0 if r["id"] == "plate" else 0.0)) for s in range(3)
+             for r in study["rows"]]  # fmt: skip
+    path = _ledger(tmp_path / "ledger", lines, fp)
+    out = tmp_path / "out"
+    args = ["--config", str(REPO / "config" / "ablation-large.yaml"), "--out", str(out), "--table-only"]
+    assert ablation.main([*args, "--ledger", str(path)]) == 0
+    runs = pd.read_csv(out / "runs.tsv", sep="\t")
+    assert sorted(runs["seed"].unique()) == [0, 1, 2] and len(runs) == 3 * len(study["rows"])
+    info = json.loads((out / "run.json").read_text())
+    assert info["design"] == fp and info["seeds_with_results"] == [0, 1, 2]
+    md = (out / "table.md").read_text()
+    assert "over 3 seeds" in md and f"(design {fp})" in md
+    steps = pd.read_csv(out / "steps.tsv", sep="\t").set_index(["higher", "metric"])
+    assert steps.loc[("plate", "test"), "mean"] == pytest.approx(5.0)
+    _ledger(tmp_path / "other", lines, "0" * 16)
+    with pytest.raises(SystemExit):
+        ablation.main([*args, "--ledger", str(tmp_path / "other" / "runs.tsv")])
+    with pytest.raises(SystemExit):
+        ablation.main([*args, "--run-seeds", "5"])
