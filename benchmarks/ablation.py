@@ -840,6 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in mismatches:
             print(f"WARNING: a rerun differs from its ledger: {m}", file=sys.stderr)
     with_results = sorted(int(x) for x in long["seed"].unique())
+    per_seed = long.groupby("seed")["id"].nunique()
+    complete = [s for s in with_results if per_seed[s] == len(study["rows"])]
     steps = step_table(long, study["steps"], PRIMARY)
     steps_val = step_table(long, study["steps"], "validation")
     table = summarise(study, long, steps)
@@ -857,11 +859,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "finished": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
         }  # fmt: skip
     info |= {
-        "design": fingerprint, "seeds_with_results": with_results,
+        "design": fingerprint, "seeds_with_results": with_results, "seeds_complete": complete,
         "ledger": [str(p) for p in args.ledger], "ledger_mismatches": mismatches,
     }  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    md = markdown(table, steps, len(with_results), footer_text(out / "run.json", cmd))
+    footer = footer_text(out / "run.json", cmd)
+    if len(complete) < len(with_results):
+        partial = sorted(set(with_results) - set(complete))
+        footer += f" Seeds {partial} are partial: `table.tsv` column `seeds` counts each row's."
+    md = markdown(table, steps, len(complete), footer)
     (out / "table.md").write_text(md)
     print()
     print(md)

@@ -616,6 +616,11 @@ def test_table_only_joins_a_ledger_of_the_same_design(tmp_path):
     assert "over 3 seeds" in md and f"(design {fp})" in md
     steps = pd.read_csv(out / "steps.tsv", sep="\t").set_index(["higher", "metric"])
     assert steps.loc[("plate", "test"), "mean"] == pytest.approx(5.0)
+    _ledger(tmp_path / "partial", [*lines, _line("plate", 3, 1.0)], fp)
+    assert ablation.main([*args, "--ledger", str(tmp_path / "partial" / "runs.tsv")]) == 0
+    md = (out / "table.md").read_text()
+    assert "over 3 seeds" in md and "Seeds [3] are partial" in md
+    assert json.loads((out / "run.json").read_text())["seeds_complete"] == [0, 1, 2]
     _ledger(tmp_path / "other", lines, "0" * 16)
     with pytest.raises(SystemExit):
         ablation.main([*args, "--ledger", str(tmp_path / "other" / "runs.tsv")])
