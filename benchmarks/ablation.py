@@ -611,7 +611,7 @@ def merge_ledger(
                 f"{m} {x:g} vs {y:g}" for m, x, y, ok in zip(METRICS, a, b, same, strict=True) if not ok
             )
             mismatches.append(f"row {key[0]!r} seed {key[1]}: this run vs ledger: {diff}")
-    extra = ledger[~ledger.set_index(["id", "seed"]).index.isin(mine.index)]
+    extra = ledger[~theirs.index.isin(mine.index)]
     merged = pd.concat([long, extra], ignore_index=True) if len(extra) else long.copy()
     order = {row["id"]: i for i, row in enumerate(study["rows"])}
     merged = merged[merged["id"].isin(order)]
@@ -718,6 +718,9 @@ def footer_text(run_json: Path, cmd: str) -> str:
         text += f" (design {info['design']})."
     if info.get("ledger_mismatches"):
         text += " Reruns that differ from the ledger: " + "; ".join(info["ledger_mismatches"]) + "."
+    partial = sorted(set(info.get("seeds_with_results", [])) - set(info.get("seeds_complete", [])))
+    if partial:
+        text += f" Seeds {partial} are partial: `table.tsv` column `seeds` counts each row's."
     return text
 
 
@@ -863,11 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ledger": [str(p) for p in args.ledger], "ledger_mismatches": mismatches,
     }  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    footer = footer_text(out / "run.json", cmd)
-    if len(complete) < len(with_results):
-        partial = sorted(set(with_results) - set(complete))
-        footer += f" Seeds {partial} are partial: `table.tsv` column `seeds` counts each row's."
-    md = markdown(table, steps, len(complete), footer)
+    md = markdown(table, steps, len(complete), footer_text(out / "run.json", cmd))
     (out / "table.md").write_text(md)
     print()
     print(md)
