@@ -701,9 +701,8 @@ def markdown(table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str
     return "\n".join(lines) + "\n"
 
 
-def footer_text(run_json: Path, cmd: str) -> str:
-    """The command and wall time of the last run that trained (``run.json``), else just ``cmd``."""
-    info = json.loads(run_json.read_text()) if run_json.exists() else {}
+def footer_text(info: dict, cmd: str) -> str:
+    """The command and wall time of the last run that trained (``info`` = ``run.json``), else just ``cmd``."""
     if "wall_minutes" not in info:
         text = f"Command: `{cmd}`."
     else:
@@ -866,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ledger": [str(p) for p in args.ledger], "ledger_mismatches": mismatches,
     }  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    md = markdown(table, steps, len(complete), footer_text(out / "run.json", cmd))
+    md = markdown(table, steps, len(complete), footer_text(info, cmd))
     (out / "table.md").write_text(md)
     print()
     print(md)

@@ -483,15 +483,11 @@ def test_rebalanced_stage_scores_and_caches(tmp_path):
         ablation.rebalanced_stage(tmp_path, 0, "nonsense")
 
 
-def test_footer_from_run_json(tmp_path):
-    assert (
-        ablation.footer_text(tmp_path / "run.json", "python x --table-only")
-        == "Command: `python x --table-only`."
-    )
+def test_footer_from_run_json():
+    assert ablation.footer_text({}, "python x --table-only") == "Command: `python x --table-only`."
     info = {"command": "python -m benchmarks.ablation", "wall_minutes": 51.04, "cores": 2, "parallel": 2,
             "cpus": 2, "machine": "x86_64", "runs": 40, "finished": "2026-01-01 10:00"}  # fmt: skip
-    (tmp_path / "run.json").write_text(json.dumps(info))
-    text = ablation.footer_text(tmp_path / "run.json", "python x --table-only")
+    text = ablation.footer_text(info, "python x --table-only")
     assert text.startswith(
         "Command: `python -m benchmarks.ablation`; wall time 51.0 min with --cores 2 --parallel 2"
     )
