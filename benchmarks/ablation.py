@@ -68,6 +68,8 @@ METRICS = (
     "pseudo_test",
     "pseudo_changed",
 )
+# decimals of every metric in runs.tsv, and in the tables computed from this checkout's runs
+RUNS_DECIMALS = 4
 STEP_COLUMNS = (
     "lower", "higher", "metric", "n", "mean", "sd", "se", "t", "p", "ci_low", "ci_high",
     "p_holm", "level_holm", "ci_low_holm", "ci_high_holm", "verdict",
@@ -542,15 +544,16 @@ def read_row(workdir: Path, row: dict, cfg: dict, metrics: dict) -> dict:
 
 
 def long_table(study: dict, read: Callable[[dict, int], dict | None], seeds: Sequence[int]) -> pd.DataFrame:
-    """One line per row and seed with every metric; ``read(row, seed)`` returns None when the run
-    or round has no metrics yet (that line is left out)."""
+    """One line per row and seed with every metric, to ``RUNS_DECIMALS``; ``read(row, seed)`` returns
+    None when the run or round has no metrics yet (that line is left out)."""
     lines = []
     for seed in seeds:
         for row in study["rows"]:
             got = read(row, seed)
             if got is not None:
                 lines.append({"id": row["id"], "seed": seed} | got)
-    return pd.DataFrame(lines, columns=["id", "seed", *METRICS])
+    # rounded to runs.tsv's precision, so a table rebuilt from a ledger equals the run's own table
+    return pd.DataFrame(lines, columns=["id", "seed", *METRICS]).round(RUNS_DECIMALS)
 
 
 # ---------------------------------------------------------------- runs of another checkout
@@ -848,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_val = step_table(long, study["steps"], "validation")
     table = summarise(study, long, steps)
     out.mkdir(parents=True, exist_ok=True)
-    long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format="%.4f")
+    long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format=f"%.{RUNS_DECIMALS}f")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
     pd.concat([steps, steps_val]).to_csv(out / "steps.tsv", sep="\t", index=False, float_format="%.6g")
     cmd = ("python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
