@@ -726,6 +726,15 @@ def footer_text(info: dict, cmd: str) -> str:
     return text
 
 
+def cpu_kernels() -> str:
+    """The CPU kernels the runs' torch dispatches to (ATen's capability, oneDNN's ISA cap): a CPU
+    result is the same bit for bit only with the same ones (docs/figures.md)."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{cap}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}"
+
+
 def git_commit() -> str | None:
     """The checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files."""
     try:
@@ -862,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": cmd, "wall_minutes": round(wall / 60, 1), "cores": cores, "parallel": parallel,
             "cpus": os.cpu_count(), "machine": platform.machine(), "runs": len(timings),
             "finished": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit(),
+            "cpu_kernels": cpu_kernels(),
         }  # fmt: skip
     info |= {
         "design": fingerprint, "seeds_with_results": with_results, "seeds_complete": complete,

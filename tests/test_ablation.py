@@ -644,3 +644,12 @@ def test_table_only_joins_a_ledger_of_the_same_design(tmp_path):
         ablation.main([*args, "--ledger", str(tmp_path / "other" / "runs.tsv")])
     with pytest.raises(SystemExit):
         ablation.main([*args, "--run-seeds", "5"])
+
+
+def test_cpu_kernels_names_atens_capability_and_onednns_cap(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert ablation.cpu_kernels() == f"{torch.backends.cpu.get_cpu_capability()}, ONEDNN_MAX_CPU_ISA=unset"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert ablation.cpu_kernels().endswith("ONEDNN_MAX_CPU_ISA=AVX2")
