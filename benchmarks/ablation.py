@@ -556,6 +556,11 @@ def long_table(study: dict, read: Callable[[dict, int], dict | None], seeds: Seq
     return pd.DataFrame(lines, columns=["id", "seed", *METRICS]).round(RUNS_DECIMALS)
 
 
+def write_runs(long: pd.DataFrame, path: Path) -> None:
+    """``runs.tsv``: the long table at the precision its statistics used (``RUNS_DECIMALS``)."""
+    long.to_csv(path, sep="\t", index=False, float_format=f"%.{RUNS_DECIMALS}f")
+
+
 # ---------------------------------------------------------------- runs of another checkout
 # Study keys that say how the harness runs, not what a seed's runs compute: left out of the design's
 # fingerprint, so a ledger from a run with other --cores, --parallel or --seeds still joins.
@@ -860,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_val = step_table(long, study["steps"], "validation")
     table = summarise(study, long, steps)
     out.mkdir(parents=True, exist_ok=True)
-    long.to_csv(out / "runs.tsv", sep="\t", index=False, float_format=f"%.{RUNS_DECIMALS}f")
+    write_runs(long, out / "runs.tsv")
     table.to_csv(out / "table.tsv", sep="\t", index=False, float_format="%.4f")
     pd.concat([steps, steps_val]).to_csv(out / "steps.tsv", sep="\t", index=False, float_format="%.6g")
     cmd = ("python -m benchmarks.ablation " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

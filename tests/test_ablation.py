@@ -608,7 +608,7 @@ def test_a_table_rebuilt_from_its_ledger_equals_the_runs_table(tmp_path):
 
     long = ablation.long_table(study, read, [0, 1, 2])
     assert long["test"].tolist()[0] == 20.8333 and long["validation"].tolist()[0] == 0.3333
-    long.to_csv(tmp_path / "runs.tsv", sep="\t", index=False, float_format=f"%.{ablation.RUNS_DECIMALS}f")
+    ablation.write_runs(long, tmp_path / "runs.tsv")
     again = pd.read_csv(tmp_path / "runs.tsv", sep="\t")
     pd.testing.assert_frame_equal(
         ablation.step_table(long, study["steps"], "test"),
