@@ -67,7 +67,11 @@ METRICS = (
     "pseudo_validation",
     "pseudo_test",
     "pseudo_changed",
+    "pseudo_selected_validation",
+    "pseudo_selected_test",
 )
+# metrics added after ledgers were committed: a ledger without them reads them as NaN
+OPTIONAL_METRICS = ("pseudo_selected_validation", "pseudo_selected_test")
 # decimals of every metric in runs.tsv, and in the tables computed from this checkout's runs
 RUNS_DECIMALS = 4
 STEP_COLUMNS = (
@@ -131,9 +135,18 @@ def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[np.ndarray, np
 MIN_SEEDS_FOR_VERDICT = 3
 
 
-def verdict(mean: float, p_holm: float, n: int, alpha: float = ALPHA) -> str:
-    """holds / reversed when the Holm-adjusted p is below ``alpha`` (sign of the mean), else
-    undecided; missing with fewer than 2 paired seeds; undecided with fewer than
+def verdict(
+    mean: float,
+    p_holm: float,
+    n: int,
+    alpha: float = ALPHA,
+    interval: tuple[float, float] | None = None,
+    margin: float | None = None,
+) -> str:
+    """holds / reversed when the Holm-adjusted p is below ``alpha`` (sign of the mean); else small
+    when a ``margin`` (points) is given and the Holm-adjusted ``interval`` lies inside
+    ``[-margin, +margin]`` (the step is shown to be smaller than the margin either way); else
+    undecided. missing with fewer than 2 paired seeds; undecided with fewer than
     ``MIN_SEEDS_FOR_VERDICT``."""
     if n < 2 or math.isnan(p_holm):
         return "missing"
@@ -143,14 +156,21 @@ def verdict(mean: float, p_holm: float, n: int, alpha: float = ALPHA) -> str:
         return "holds"
     if p_holm < alpha and mean < 0:
         return "reversed"
+    if margin is not None and interval is not None and -margin <= interval[0] and interval[1] <= margin:
+        return "small"
     return "undecided"
 
 
 def step_table(
-    long: pd.DataFrame, steps: Sequence[Sequence[str]], metric: str = PRIMARY, alpha: float = ALPHA
+    long: pd.DataFrame,
+    steps: Sequence[Sequence[str]],
+    metric: str = PRIMARY,
+    alpha: float = ALPHA,
+    margin: float | None = None,
 ) -> pd.DataFrame:
     """One line per step ``[a, b]``: paired differences b - a of ``metric`` over the seeds where both
-    rows have a value, raw and Holm-adjusted (across all steps) p-values and intervals, verdict."""
+    rows have a value, raw and Holm-adjusted (across all steps) p-values and intervals, verdict
+    (``small`` only with an equivalence ``margin``, in points)."""
     wide = long.pivot_table(index="seed", columns="id", values=metric, aggfunc="first")
     lines = []
     for a, b in steps:
@@ -172,7 +192,10 @@ def step_table(
         lo.append(r.mean - half)
         hi.append(r.mean + half)
     table["ci_low_holm"], table["ci_high_holm"] = lo, hi
-    table["verdict"] = [verdict(r.mean, r.p_holm, r.n, alpha) for r in table.itertuples()]
+    table["verdict"] = [
+        verdict(r.mean, r.p_holm, r.n, alpha, (r.ci_low_holm, r.ci_high_holm), margin)
+        for r in table.itertuples()
+    ]
     return table.reindex(columns=list(STEP_COLUMNS))
 
 
@@ -259,6 +282,9 @@ def load_study(path: str | os.PathLike) -> dict:
                 f"{path}: screen key {key!r}: only {', '.join(SHARED_SECTIONS)} keys other than "
                 "synthetic.seed (set per seed) belong there"
             )
+    margin = study.get("equivalence_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or margin <= 0):
+        raise ValueError(f"{path}: equivalence_margin must be a positive number of points, got {margin!r}")
     if int(study.get("seeds", 5)) < 2:
         raise ValueError(f"{path}: seeds must be >= 2 for paired intervals")
     return study
@@ -520,10 +546,17 @@ def pseudo_entry(metrics: dict) -> dict:
     changed = entry.get("changed", entry.get("n_changed"))
     if isinstance(changed, dict):
         changed = changed.get("n", changed.get("count"))
+    def selected(split: str) -> float:
+        v = entry.get(split)
+        v = (v.get("selected") or {}).get("accuracy") if isinstance(v, dict) else None
+        return math.nan if v is None else 100.0 * float(v)
+
     return {
         "pseudo_validation": acc("validation"),
         "pseudo_test": acc("test"),
         "pseudo_changed": math.nan if changed is None else float(changed),
+        "pseudo_selected_validation": selected("validation"),
+        "pseudo_selected_test": selected("test"),
     }
 
 
@@ -594,6 +627,9 @@ def read_ledger(path: str | os.PathLike, fingerprint: str) -> pd.DataFrame:
             f"{fingerprint!r}: its runs computed another screen, arms or rows"
         )
     lines = pd.read_csv(path, sep="\t")
+    for c in OPTIONAL_METRICS:
+        if c not in lines.columns:
+            lines[c] = math.nan
     missing = [c for c in ("id", "seed", *METRICS) if c not in lines.columns]
     if missing:
         raise ValueError(f"ledger {path}: missing columns {', '.join(missing)}")
@@ -661,7 +697,9 @@ def _pm(mean: float, sd: float) -> str:
     return f"{mean:.1f}" if math.isnan(sd) else f"{mean:.1f} ± {sd:.1f}"
 
 
-def markdown(table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str = "") -> str:
+def markdown(
+    table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str = "", margin: float | None = None
+) -> str:
     """The table as GitHub markdown: the ladder with verdicts, then the diagnostics."""
     lines = [
         "| step | paper | test acc. % | Δ vs | Δ test pp [Holm 95 % CI] | p (Holm) | verdict |",
@@ -686,23 +724,31 @@ def markdown(table: pd.DataFrame, steps: pd.DataFrame, n_seeds: int, footer: str
         "the row named in `Δ vs`, mean and Holm-adjusted 95 % t-interval (Holm across all "
         f"{len(steps)} steps; `p (Holm)` = Holm-adjusted p-value). Verdict `holds` when the adjusted "
         "p < 0.05 with a gain (the adjusted interval excludes 0 on the positive side), `reversed` "
-        "with a loss, else `undecided`. Paper: accuracy on RxRx1 or, for balancing, its gain.",
+        "with a loss, "
+        + (
+            f"`small` when the adjusted interval lies inside ±{margin:g} points, "
+            if margin is not None
+            else ""
+        )
+        + "else `undecided`. Paper: accuracy on RxRx1 or, for balancing, its gain.",
         "",
         "| step | validation acc. % | student % | teacher % | pseudo-label acc. val / test % "
-        "| labels changed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| selected labels' precision val / test % | labels changed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table.itertuples():
         pseudo = f"{_num(r.pseudo_validation_mean)} / {_num(r.pseudo_test_mean)}"
+        chosen = f"{_num(r.pseudo_selected_validation_mean)} / {_num(r.pseudo_selected_test_mean)}"
         lines.append(
             f"| {r.label} | {_pm(r.validation_mean, r.validation_sd)} | {_num(r.student_mean)} | "
-            f"{_num(r.teacher_mean)} | {pseudo} | {_num(r.pseudo_changed_mean, '{:.0f}')} |"
+            f"{_num(r.teacher_mean)} | {pseudo} | {chosen} | {_num(r.pseudo_changed_mean, '{:.0f}')} |"
         )
     lines += [
         "",
         "Student / teacher: validation accuracy at the selected epoch (best teacher epoch; the last "
         "epoch without a teacher) from `log.csv`, mean over the row's models and fine-tuned scopes "
-        "and over seeds. Pseudo labels: the round's `pseudo_labels` entry of `metrics.json`.",
+        "and over seeds. Pseudo labels: the round's `pseudo_labels` entry of `metrics.json` (the "
+        "labels this round hands to the next: all wells, and the wells selected by margin).",
     ]
     if footer:
         lines += ["", footer]
@@ -861,8 +907,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_results = sorted(int(x) for x in long["seed"].unique())
     per_seed = long.groupby("seed")["id"].nunique()
     complete = [s for s in with_results if per_seed[s] == len(study["rows"])]
-    steps = step_table(long, study["steps"], PRIMARY)
-    steps_val = step_table(long, study["steps"], "validation")
+    margin = study.get("equivalence_margin")
+    steps = step_table(long, study["steps"], PRIMARY, margin=margin)
+    steps_val = step_table(long, study["steps"], "validation", margin=margin)
     table = summarise(study, long, steps)
     out.mkdir(parents=True, exist_ok=True)
     write_runs(long, out / "runs.tsv")
@@ -883,7 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ledger": [str(p) for p in args.ledger], "ledger_mismatches": mismatches,
     }  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    md = markdown(table, steps, len(complete), footer_text(info, cmd))
+    md = markdown(table, steps, len(complete), footer_text(info, cmd), margin)
     (out / "table.md").write_text(md)
     print()
     print(md)

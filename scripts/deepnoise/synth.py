@@ -93,8 +93,37 @@ DEFAULTS = {
     "well_noise": 0.1,  # log-std of the per-well, per-channel signal shift (shared by its sites)
     "pixel_noise": 5.0,  # std of additive Gaussian pixel noise (grey levels)
     "background": 20.0,  # mean background level before gain/offset (grey levels)
+    "brightness": 1.0,  # multiplies the mean cell intensity per channel (BASE_INTENSITY)
     "plate_group_orders": "all",  # plate -> group orders drawn from: all (24 permutations) or cyclic (4)
+    # Calibration scales (docs/noise-model.md, "Calibrating the screen"): each multiplies a group of
+    # the knobs above; 1.0 = the knobs as given (the hard screen).
+    "nuisance_scale": 1.0,  # multiplies every NUISANCE knob (the non-affine technical effects)
+    "affine_scale": 1.0,  # multiplies every AFFINE knob (per-experiment / per-plate gain and offset)
 }
+# The affine technical effects: what per-plate normalisation removes (scaled by affine_scale).
+AFFINE = ("experiment_gain", "experiment_offset", "plate_gain", "plate_offset")
+# The non-affine technical effects (scaled by nuisance_scale): what no per-channel normalisation
+# undoes. Biology (treatment_interaction, response_strength, well_noise) and shot noise
+# (pixel_noise) are not in it: they are set on their own.
+NUISANCE = (
+    "stain_experiment",
+    "stain_plate",
+    "crosstalk",
+    "illumination_experiment",
+    "illumination_plate",
+    "focus_plate",
+    "focus_site",
+    "density_experiment",
+    "density_plate",
+    "density_well",
+    "size_experiment",
+    "size_plate",
+    "gamma_experiment",
+    "gamma_plate",
+    "well_gradient",
+    "edge_effect",
+)
+SCALES = {"nuisance_scale": NUISANCE, "affine_scale": AFFINE}
 # Allowed range of every numeric knob (inclusive); docs/noise-model.md lists the same.
 RANGES = {
     "cells_per_site": (0.0, 500.0),  # > 0
@@ -131,8 +160,11 @@ RANGES = {
     "well_noise": (0.0, 2.0),
     "pixel_noise": (0.0, 100.0),
     "background": (0.0, 200.0),
+    "brightness": (0.0, 4.0),  # > 0
+    "nuisance_scale": (0.0, 1.0),
+    "affine_scale": (0.0, 1.0),
 }
-POSITIVE = ("cells_per_site", "cell_radius")  # their lower bound is exclusive
+POSITIVE = ("cells_per_site", "cell_radius", "brightness")  # their lower bound is exclusive
 GROUP_ORDERS = ("all", "cyclic")
 # Integer bounds of the structural keys (image_size: the same as workflow/schemas/config.schema.yaml).
 INT_RANGES = {
@@ -152,6 +184,16 @@ N_PHENO = 15
 METADATA_COLUMNS = list(layout.RXRX1_COLUMNS)
 TRUTH_COLUMNS = list(layout.TRUTH_COLUMNS)
 PNG_COMPRESS_LEVEL = 6
+
+
+def effective_knobs(cfg: dict) -> dict:
+    """The knobs the generator uses: a validated config with each scale applied to its group (a
+    scale of 1.0 leaves its knobs exactly as given)."""
+    out = dict(cfg)
+    for scale, group in SCALES.items():
+        for knob in group:
+            out[knob] = cfg[knob] * cfg[scale]
+    return out
 
 
 def validate_config(cfg: dict) -> dict:
@@ -331,6 +373,7 @@ class Screen:
     """The screen's design and all its random effects, from a validated config."""
 
     def __init__(self, cfg: dict):
+        cfg = effective_knobs(cfg)
         self.cfg = cfg
         self.seed = cfg["seed"]
         self.n = cfg["n_treatments"]
@@ -465,7 +508,7 @@ class Screen:
         well_shift = cfg["well_noise"] * wrng.standard_normal(6)
         well_density = cfg["density_well"] * wrng.standard_normal()
         ph = self.response[w.experiment][w.sirna_id] + self.appearance[w.cell_type]
-        intensity = BASE_INTENSITY * np.exp(ph[0:6] + well_shift) * fx.stain
+        intensity = cfg["brightness"] * BASE_INTENSITY * np.exp(ph[0:6] + well_shift) * fx.stain
         texture_amp = 0.35 * np.exp(ph[6:12])
         log_density = ph[12] + fx.log_density + well_density + fx.edge_density * edge
         n_cells = max(1, int(rng.poisson(cfg["cells_per_site"] * np.exp(log_density))))
@@ -561,16 +604,18 @@ def synthesize(cfg: dict, out_images: Path, out_metadata: Path, out_truth: Path,
             for plate in layout.PLATES:
                 (tmp / exp.experiment / f"Plate{plate}").mkdir(parents=True)
 
-        def work(w: Well) -> None:
+        def work(w: Well) -> np.ndarray:
+            counts = np.zeros(2, np.int64)
             for site in range(1, cfg["sites_per_well"] + 1):
                 image = screen.render(w, site)
+                counts += clip_counts(image)
                 prefix = site_prefix(tmp, w, site)
                 for c in range(layout.N_CHANNELS):
                     write_png(f"{prefix}_w{c + 1}.png", image[c])
+            return counts
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for _ in pool.map(work, wells):
-                pass
+            clipped = sum(pool.map(work, wells), np.zeros(2, np.int64))
         if out_images.exists():
             shutil.rmtree(out_images)
         os.replace(tmp, out_images)
@@ -582,9 +627,34 @@ def synthesize(cfg: dict, out_images: Path, out_metadata: Path, out_truth: Path,
         metadata.to_csv(path, index=False)
     with atomic_path(out_truth) as path:
         truth.to_csv(path, index=False)
+    pixels = len(metadata) * layout.N_CHANNELS * cfg["image_size"] ** 2
     log.info(
-        "synthesized %d experiments, %d wells, %d sites", len(screen.experiments), len(wells), len(metadata)
-    )
+        "synthesized %d experiments, %d wells, %d sites; clipped pixels: %.3f %% at 0, %.3f %% at 255",
+        len(screen.experiments), len(wells), len(metadata), 100 * clipped[0] / pixels, 100 * clipped[1] / pixels,
+    )  # fmt: skip
+
+
+def clip_counts(image: np.ndarray) -> np.ndarray:
+    """``[pixels at 0, pixels at 255]`` of a uint8 image: what the camera's range clipped (a
+    rendered value outside 0..255 ends there; docs/noise-model.md, "Calibrating the screen")."""
+    return np.array([np.count_nonzero(image == 0), np.count_nonzero(image == 255)], np.int64)
+
+
+def clipped_fractions(cfg: dict, max_wells: int | None = None) -> dict[str, float]:
+    """Fractions of pixels at 0 and at 255 over the screen's sites (the first ``max_wells`` wells of
+    every plate when given: a sample, rendered in memory). ``cfg``: a synthetic config."""
+    screen = Screen(validate_config(cfg))
+    counts, pixels, seen = np.zeros(2, np.int64), 0, {}
+    for w in screen.wells():
+        key = (w.experiment, w.plate)
+        seen[key] = seen.get(key, 0) + 1
+        if max_wells is not None and seen[key] > max_wells:
+            continue
+        for site in range(1, screen.cfg["sites_per_well"] + 1):
+            image = screen.render(w, site)
+            counts += clip_counts(image)
+            pixels += image.size
+    return {"at_0": float(counts[0] / pixels), "at_255": float(counts[1] / pixels)}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -163,13 +163,17 @@ PSEUDO = config["pseudo"]
 
 def pseudo_inputs(wildcards):
     """What round r > 0 learns from on the unlabelled wells of round r - 1: its pseudo labels (hard)
-    or its ensembles (soft, the paper's averaged teachers); with warm_start also its weights.
+    or the probabilities of its balanced ensembles (soft, the paper's order: balancing, then pseudo
+    labels) or, with soft_source: ensemble, of its unbalanced ensembles; with warm_start also its
+    weights.
     """
     r = int(wildcards.round)
     if r == 0:
         return {}
     if PSEUDO["targets"] == "hard":
         out = {"pseudo": pseudo_labels(r - 1)}
+    elif PSEUDO["soft_source"] == "balanced":
+        out = {"soft": [balanced(r - 1, ct) for ct in CELL_TYPES]}
     else:
         out = {"soft": [ensemble(r - 1, ct) for ct in CELL_TYPES]}
     if PSEUDO["warm_start"] and "cell_type" not in wildcards.keys():
