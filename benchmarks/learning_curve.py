@@ -67,6 +67,13 @@ def pilot_config(
     return cfg
 
 
+def set_label(item: str) -> str:
+    """The folder-name part of a ``--set KEY=VALUE``: the key's last component and the value
+    (``synthetic.nuisance_scale=0.25`` -> ``nuisance_scale=0.25``)."""
+    key, _, value = item.partition("=")
+    return f"{key.rpartition('.')[2]}={value}"
+
+
 def epochs_to_reach(
     curve: pd.DataFrame, chance: float, levels: Sequence[int] = LEVELS
 ) -> dict[str, int | None]:
@@ -136,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"pilot of run {args.run!r}: config not accepted by the workflow:\n{exc}") from exc
 
     out = Path(args.out).resolve()
-    sets = "".join(f"-{item.rpartition('.')[2]}" for item in args.set)  # e.g. -image_size=64
+    sets = "".join(f"-{set_label(item)}" for item in args.set)  # e.g. -image_size=64
     wd = out / f"seed{args.seed}-{args.run}-{args.epochs}ep{sets}"
     wd.mkdir(parents=True, exist_ok=True)
     write_config(wd, cfg)

@@ -69,6 +69,12 @@ def test_verdicts():
     # two seeds never decide, even with zero spread (p = 0): a tie of a discrete score, 1 df
     assert ablation.verdict(0.83, 0.0, 2) == "undecided"
     assert ablation.verdict(0.83, 0.0, 3) == "holds"
+    # small: the Holm interval inside +-margin (only with a margin; never with 2 seeds)
+    assert ablation.verdict(0.5, 0.4, 5, interval=(-1.5, 2.5), margin=3) == "small"
+    assert ablation.verdict(0.5, 0.4, 5, interval=(-1.5, 3.5), margin=3) == "undecided"
+    assert ablation.verdict(0.5, 0.4, 5, interval=(-1.5, 2.5)) == "undecided"
+    assert ablation.verdict(0.5, 0.4, 2, interval=(-0.5, 0.5), margin=3) == "undecided"
+    assert ablation.verdict(2.0, 0.01, 5, interval=(1.0, 2.9), margin=3) == "holds"
 
 
 def _long(diffs_by_step, base=50.0):
@@ -280,10 +286,43 @@ def test_real_study_config_is_a_ladder():
         for method in ("paper", "exact", "groups"):
             row = rows[f"balance_{method}"]
             assert row["stage"] == f"balance:{method}" and row["run"] == "pseudo_soft" and row["round"] == 1
-        assert [r["paper"] for r in study["rows"][:3]] == [51.5, 62.9, 74.6]
+        assert [r["paper"] for r in study["rows"][:6]] == [51.5, 62.9, 74.58, 85.542, 90.145, 95.535]
         assert all("paper" in r for r in study["rows"])  # a number or an explicit "not reported"
         steps = {tuple(s) for s in study["steps"]}
         assert ("pseudo_soft", "balance_paper") in steps and len(steps) == 10
+
+
+def test_calibrated_design_is_the_ladder_with_two_pseudo_rounds_and_an_equivalence_margin():
+    """config/ablation-calibrated.yaml (make ablation): each step changes what its label says, the
+    soft targets are the balanced ensemble's, two pseudo-label rounds, 12 steps, small = +-3."""
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    study = ablation.load_study(REPO / "config" / "ablation-calibrated.yaml")
+    assert int(study["seeds"]) >= 5 and study["equivalence_margin"] == 3
+    cfg = {r: ablation.run_config(base, study, r, 1) for r in study["runs"]}
+    for run, c in cfg.items():
+        assert int(c["rounds"]) >= ablation.rounds_needed(study, run), run
+        for section in ablation.SHARED_SECTIONS:
+            assert c[section] == cfg["softmax_cell_type"][section], (run, section)
+    screen = cfg["softmax_plate"]["synthetic"]
+    # the calibrated screen of config/config.yaml (docs/ablation.md, "Calibrating the screen")
+    for knob in ("nuisance_scale", "affine_scale", "brightness", "background"):
+        assert screen[knob] == base["synthetic"][knob], knob
+    assert screen["test_experiments_per_cell_type"] * 2 * screen["n_treatments"] >= 960
+    rows = {r["id"]: r for r in study["rows"]}
+    tr = {i: cfg[r["run"]]["train"] for i, r in rows.items()}
+    diff = lambda a, b: {k for k in tr[a].keys() | tr[b].keys() if tr[a].get(k) != tr[b].get(k)}  # noqa: E731
+    assert diff("cell_type", "experiment") == diff("experiment", "plate") == {"normalization"}
+    assert diff("plate", "arcface") == {"head"} and diff("arcface", "mean_teacher") == {"mean_teacher"}
+    for arm, targets in (("pseudo_soft", "soft"), ("pseudo_hard", "hard")):
+        c = cfg[rows[arm]["run"]]
+        assert c["pseudo"]["targets"] == targets and c["pseudo"]["soft_source"] == "balanced"
+        assert c["balance"]["method"] == "paper" and c["rounds"] == 3
+        assert (rows[arm]["round"], rows[f"{arm}_r2"]["round"]) == (1, 2)
+        assert c["models"] == cfg["ensemble"]["models"] and c["train"] == cfg["ensemble"]["train"]
+    for method in ("paper", "exact", "groups"):
+        assert rows[f"balance_{method}"]["round"] == 2
+    assert [r["paper"] for r in study["rows"][:6]] == [51.5, 62.9, 74.58, 85.542, 90.145, 95.535]
+    assert len(study["steps"]) == 12 and ["pseudo_soft", "pseudo_soft_r2"] in study["steps"]
 
 
 def test_unknown_key_stops_the_harness_naming_run_and_key():
@@ -398,7 +437,10 @@ def test_pseudo_entry_forms():
     got = ablation.pseudo_entry(
         {"pseudo_labels": {"validation": {"accuracy": 0.5}, "test": 0.25, "changed": 7}}
     )
-    assert got == {"pseudo_validation": 50.0, "pseudo_test": 25.0, "pseudo_changed": 7.0}
+    assert {k: got[k] for k in ("pseudo_validation", "pseudo_test", "pseudo_changed")} == {
+        "pseudo_validation": 50.0, "pseudo_test": 25.0, "pseudo_changed": 7.0,
+    }  # fmt: skip
+    assert math.isnan(got["pseudo_selected_validation"]) and math.isnan(got["pseudo_selected_test"])
     assert all(math.isnan(v) for v in ablation.pseudo_entry({}).values())
     # the workflow's own format (deepnoise.evaluate.pseudo_label_metrics)
     real = {
@@ -406,7 +448,10 @@ def test_pseudo_entry_forms():
         "selected": {"n": 2, "correct": 2, "accuracy": 1.0},
     }
     got = ablation.pseudo_entry({"pseudo_labels": {"validation": real, "test": real, "changed": 2}})
-    assert got == {"pseudo_validation": 75.0, "pseudo_test": 75.0, "pseudo_changed": 2.0}
+    assert got == {
+        "pseudo_validation": 75.0, "pseudo_test": 75.0, "pseudo_changed": 2.0,
+        "pseudo_selected_validation": 100.0, "pseudo_selected_test": 100.0,
+    }  # fmt: skip
 
 
 def _stage(name, kind, val, test, n=80):
@@ -552,7 +597,8 @@ def _ledger(tmp_path, lines, design):
 def _line(row, seed, test, **kw):
     return {"id": row, "seed": seed, "test": test, "validation": test + 1, "student": np.nan,
             "teacher": np.nan, "pseudo_validation": np.nan, "pseudo_test": np.nan,
-            "pseudo_changed": np.nan} | kw  # fmt: skip
+            "pseudo_changed": np.nan, "pseudo_selected_validation": np.nan,
+            "pseudo_selected_test": np.nan} | kw  # fmt: skip
 
 
 def test_read_ledger_checks_its_design_and_columns(tmp_path):
@@ -567,6 +613,14 @@ def test_read_ledger_checks_its_design_and_columns(tmp_path):
     pd.read_csv(bad, sep="\t").drop(columns="teacher").to_csv(bad, sep="\t", index=False)
     with pytest.raises(ValueError, match="missing columns teacher"):
         ablation.read_ledger(bad, "abc")
+    # a ledger committed before the selected-label precision existed: read, those metrics NaN
+    old = _ledger(tmp_path / "c", [_line("a1", 0, 40.0)], "abc")
+    pd.read_csv(old, sep="\t").drop(columns=list(ablation.OPTIONAL_METRICS)).to_csv(old, sep="\t", index=False)
+    got = ablation.read_ledger(old, "abc")
+    assert got[list(ablation.OPTIONAL_METRICS)].isna().all().all()
+    committed = REPO / "docs" / "ablation-large" / "runs.tsv"
+    info = json.loads((committed.parent / "run.json").read_text())
+    assert len(ablation.read_ledger(committed, info["design"])) == 55
 
 
 def test_ledger_fills_missing_seeds_and_flags_reruns_that_differ():

@@ -17,6 +17,11 @@ def test_paper_milestones_keep_the_papers_proportions():
     assert learning_curve.paper_milestones(1) == []
 
 
+def test_set_label_keeps_the_keys_last_part_and_the_whole_value():
+    assert learning_curve.set_label("synthetic.image_size=64") == "image_size=64"
+    assert learning_curve.set_label("synthetic.nuisance_scale=0.125") == "nuisance_scale=0.125"
+
+
 def test_epochs_to_reach_reads_the_first_epoch_at_each_level(tmp_path):
     log = tmp_path / "log.csv"
     # 0-based epochs as train.py writes them; 10 of 120 = 0.08333333 with the log's 8 decimals

@@ -477,3 +477,48 @@ def test_treatment_profiles_differ_between_experiments_after_plate_normalisation
     same = distance(base)
     interaction = distance({**base, **on("treatment_interaction")})
     assert interaction > 1.5 * same, (same, interaction)
+
+
+def test_scales_multiply_their_group_and_one_leaves_the_knobs_as_given():
+    cfg = synth.validate_config({**SMALL, "nuisance_scale": 0.25, "affine_scale": 0.5})
+    eff = synth.effective_knobs(cfg)
+    for knob in synth.NUISANCE:
+        assert eff[knob] == synth.DEFAULTS[knob] * 0.25, knob
+    for knob in synth.AFFINE:
+        assert eff[knob] == synth.DEFAULTS[knob] * 0.5, knob
+    for knob in ("pixel_noise", "well_noise", "treatment_interaction", "phenotype_strength"):
+        assert eff[knob] == synth.DEFAULTS[knob], knob
+    assert not set(synth.NUISANCE) & set(synth.AFFINE)
+    # scale 1.0 (the default): the hard screen's images, byte for byte
+    hard = synth.Screen(synth.validate_config(SMALL))
+    ones = synth.Screen(synth.validate_config({**SMALL, "nuisance_scale": 1.0, "affine_scale": 1.0}))
+    w = hard.wells()[5]
+    assert np.array_equal(hard.render(w, 1), ones.render(w, 1))
+    scaled = synth.Screen(cfg)
+    assert not np.array_equal(hard.render(w, 1), scaled.render(w, 1))
+
+
+def test_calibrated_screen_clips_at_most_one_percent_and_the_hard_one_more():
+    """The clipping limit of docs/noise-model.md ("Calibrating the screen"): the demo's screen keeps
+    <= 1 % of its pixels at 0 or 255; the hard screen (all scales 1) does not."""
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())["synthetic"]
+    cfg = {**demo, "image_size": 32, "n_treatments": 40}
+    calibrated = synth.clipped_fractions(cfg, max_wells=4)
+    assert calibrated["at_0"] + calibrated["at_255"] <= 0.01, calibrated
+    hard = {k: v for k, v in cfg.items() if k not in ("nuisance_scale", "affine_scale", "brightness", "background")}
+    clipped = synth.clipped_fractions(hard, max_wells=4)
+    assert clipped["at_0"] + clipped["at_255"] > 0.05, clipped
+
+
+def test_brightness_scales_the_cells_not_the_background():
+    quiet = {**QUIET, "background": 30.0, "pixel_noise": 0.0}
+    dim = synth.Screen(synth.validate_config({**quiet, "brightness": 0.5}))
+    full = synth.Screen(synth.validate_config(quiet))
+    w = full.wells()[0]
+    a, b = dim.render(w, 1).astype(float), full.render(w, 1).astype(float)
+    empty, cells = b == 30, b > 40  # background only; clearly inside cells
+    assert empty.any() and cells.any()
+    assert (a[empty] == 30).all()  # the background is not dimmed
+    assert a[cells].mean() < b[cells].mean() - 10

@@ -199,8 +199,9 @@ def summary_table(metrics_list: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-def format_summary(df: pd.DataFrame) -> str:
-    """Readable pivot: one row per (round, stage), one column per split / cell type."""
+def format_summary(df: pd.DataFrame, balance_method: str | None = None) -> str:
+    """Readable pivot: one row per (round, stage), one column per split / cell type; then what each
+    stage adds (``stage_gains``). ``balance_method`` names the balanced stage."""
     if df.empty:
         return "(no scored predictions)"
     wide = df.assign(col=df["split"] + "/" + df["cell_type"]).pivot_table(
@@ -208,7 +209,42 @@ def format_summary(df: pd.DataFrame) -> str:
     )
     order = df.drop_duplicates(["round", "stage"])[["round", "stage"]]
     wide = wide.reindex(pd.MultiIndex.from_frame(order))
-    return wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="-")
+    if balance_method:
+        wide.index = wide.index.set_levels(
+            [f"balanced ({balance_method})" if s == "balanced" else s for s in wide.index.levels[1]], level=1
+        )
+    text = wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="-")
+    gains = stage_gains(df, balance_method)
+    return text + ("\n\n" + "\n".join(gains) if gains else "")
+
+
+def stage_gains(df: pd.DataFrame, balance_method: str | None = None) -> list[str]:
+    """What each stage adds, in accuracy points of the test split (validation when there is no
+    test) over all cell types: per round the best single model, the ensemble against it, the
+    balanced ensemble against the ensemble, and each pseudo-label round's ensemble against the
+    previous round's."""
+    overall = df[df["cell_type"] == "all"]
+    split = "test" if (overall["split"] == "test").any() else "validation"
+    acc = overall[overall["split"] == split].set_index(["round", "stage"])["accuracy"]
+    kinds = overall.drop_duplicates(["round", "stage"]).set_index(["round", "stage"])["kind"]
+    balanced = f"balanced ({balance_method})" if balance_method else "balanced"
+    lines = [f"What each stage adds ({split} accuracy, all cell types, points):"]
+    for r in sorted({k[0] for k in acc.index}):
+        models = [s for (rr, s), k in kinds.items() if rr == r and k == "model" and (r, s) in acc]
+        parts = []
+        if models:
+            best = max(models, key=lambda s: acc[(r, s)])
+            parts.append(f"best single model {best} {100 * acc[(r, best)]:.1f}")
+            if (r, "ensemble") in acc:
+                parts.append(f"ensemble {100 * (acc[(r, 'ensemble')] - acc[(r, best)]):+.1f}")
+        if (r, "ensemble") in acc and (r, "balanced") in acc:
+            parts.append(f"{balanced} {100 * (acc[(r, 'balanced')] - acc[(r, 'ensemble')]):+.1f}")
+        if r > 0 and (r, "ensemble") in acc and (r - 1, "ensemble") in acc:
+            gain = 100 * (acc[(r, "ensemble")] - acc[(r - 1, "ensemble")])
+            parts.append(f"pseudo-label round (ensemble vs round {r - 1}) {gain:+.1f}")
+        if parts:
+            lines.append(f"  round {r}: " + "; ".join(parts))
+    return lines if len(lines) > 1 else []
 
 
 def submission_table(
@@ -291,7 +327,7 @@ def load_metrics(path: str | os.PathLike) -> dict:
 def _run_summary(args: argparse.Namespace) -> int:
     df = summary_table([load_metrics(p) for p in args.metrics])
     _write_csv(df, args.out, sep="\t", float_format="%.6f")
-    text = format_summary(df)
+    text = format_summary(df, args.balance_method)
     if args.out_text:
         write_text(args.out_text, text + "\n")
     print(text)
@@ -342,4 +378,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files (one per round)")
     p.add_argument("--out", required=True, help="summary TSV")
     p.add_argument("--out-text", help="the same as a readable table (round x stage, split/cell type)")
+    p.add_argument("--balance-method", help="the balancing method, named in the readable table")
     p.set_defaults(func=_run_summary)

@@ -102,6 +102,8 @@ rule summary:
         "logs/summary.log",
     conda:
         CONDA_ENV
+    params:
+        method=config["balance"]["method"],
     shell:
         "python -m deepnoise summary --metrics {input:q} --out {output.table:q}"
-        " --out-text {output.text:q} > {log:q} 2>&1"
+        " --out-text {output.text:q} --balance-method {params.method:q} > {log:q} 2>&1"
