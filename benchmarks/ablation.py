@@ -283,7 +283,9 @@ def load_study(path: str | os.PathLike) -> dict:
                 "synthetic.seed (set per seed) belong there"
             )
     margin = study.get("equivalence_margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or margin <= 0):
+    if margin is not None and (
+        isinstance(margin, bool) or not isinstance(margin, int | float) or margin <= 0
+    ):
         raise ValueError(f"{path}: equivalence_margin must be a positive number of points, got {margin!r}")
     if int(study.get("seeds", 5)) < 2:
         raise ValueError(f"{path}: seeds must be >= 2 for paired intervals")
@@ -546,6 +548,7 @@ def pseudo_entry(metrics: dict) -> dict:
     changed = entry.get("changed", entry.get("n_changed"))
     if isinstance(changed, dict):
         changed = changed.get("n", changed.get("count"))
+
     def selected(split: str) -> float:
         v = entry.get(split)
         v = (v.get("selected") or {}).get("accuracy") if isinstance(v, dict) else None

@@ -615,7 +615,9 @@ def test_read_ledger_checks_its_design_and_columns(tmp_path):
         ablation.read_ledger(bad, "abc")
     # a ledger committed before the selected-label precision existed: read, those metrics NaN
     old = _ledger(tmp_path / "c", [_line("a1", 0, 40.0)], "abc")
-    pd.read_csv(old, sep="\t").drop(columns=list(ablation.OPTIONAL_METRICS)).to_csv(old, sep="\t", index=False)
+    pd.read_csv(old, sep="\t").drop(columns=list(ablation.OPTIONAL_METRICS)).to_csv(
+        old, sep="\t", index=False
+    )
     got = ablation.read_ledger(old, "abc")
     assert got[list(ablation.OPTIONAL_METRICS)].isna().all().all()
     committed = REPO / "docs" / "ablation-large" / "runs.tsv"

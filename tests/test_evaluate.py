@@ -96,6 +96,12 @@ def test_metrics_arithmetic(tmp_path):
     row = s[(s["round"] == 1) & (s.stage == "m1") & (s.split == "validation") & (s.cell_type == "all")]
     assert row.accuracy.iloc[0] == pytest.approx(2 / 3)
     assert set(s["round"]) == {0, 1} and "balanced" in format_summary(s)
+    # what each stage adds, test accuracy: m1 0.5 (best single), ensemble = m1 (+0), balanced 1.0
+    text = format_summary(s, "groups")
+    assert "balanced (groups)" in text and "What each stage adds (test accuracy" in text
+    assert "round 0: best single model m1 50.0; ensemble +0.0; balanced (groups) +50.0" in text
+    assert "round 1: best single model m1 50.0; ensemble +0.0; balanced (groups) +50.0; " in text
+    assert "pseudo-label round (ensemble vs round 0) +0.0" in text
 
 
 def test_metrics_without_test_truth(tmp_path):

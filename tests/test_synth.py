@@ -507,7 +507,11 @@ def test_calibrated_screen_clips_at_most_one_percent_and_the_hard_one_more():
     cfg = {**demo, "image_size": 32, "n_treatments": 40}
     calibrated = synth.clipped_fractions(cfg, max_wells=4)
     assert calibrated["at_0"] + calibrated["at_255"] <= 0.01, calibrated
-    hard = {k: v for k, v in cfg.items() if k not in ("nuisance_scale", "affine_scale", "brightness", "background")}
+    hard = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("nuisance_scale", "affine_scale", "brightness", "background")
+    }
     clipped = synth.clipped_fractions(hard, max_wells=4)
     assert clipped["at_0"] + clipped["at_255"] > 0.05, clipped
 

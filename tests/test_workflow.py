@@ -138,6 +138,22 @@ def test_balancing_method_reruns_only_balancing_onward(finished, tmp_path):
     assert not round0 & {"train", "finetune", "predict", "ensemble"}
 
 
+def test_soft_targets_come_from_the_balanced_ensemble_and_their_source_reruns_round_1(finished, tmp_path):
+    """pseudo.soft_source: balanced (the paper's order, the default) feeds round 1 the balanced
+    ensemble of round 0; switching to the unbalanced ensemble reruns round 1's training onward
+    and nothing of round 0."""
+    jobs = changed(finished, tmp_path, **{"pseudo.soft_source": "ensemble"})
+    assert {j.wc("round") for j in jobs if j.rule in ("train", "finetune", "predict")} == {"1"}
+    trains = [j for j in jobs if j.rule == "train"]
+    assert trains and all("results/round0/ensemble/" in j.input for j in trains)
+    assert not any("results/round0/balanced/" in j.input for j in trains)
+    workdir, _ = finished
+    again = copy_run(workdir, tmp_path / "again")
+    default = plan(again, write_config(again, load_tiny(cell_types=["HUVEC"])), "--forcerun", "train")
+    round1 = [j for j in default if j.rule == "train" and j.wc("round") == "1"]
+    assert round1 and all("results/round0/balanced/" in j.input for j in round1)
+
+
 def test_adding_a_cell_type_adds_only_its_jobs(finished, tmp_path):
     workdir, _ = finished
     run = copy_run(workdir, tmp_path / "run")

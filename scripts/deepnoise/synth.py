@@ -627,10 +627,10 @@ def synthesize(cfg: dict, out_images: Path, out_metadata: Path, out_truth: Path,
         metadata.to_csv(path, index=False)
     with atomic_path(out_truth) as path:
         truth.to_csv(path, index=False)
-    pixels = len(metadata) * layout.N_CHANNELS * cfg["image_size"] ** 2
+    at_0, at_255 = 100 * clipped / (len(metadata) * layout.N_CHANNELS * cfg["image_size"] ** 2)
     log.info(
         "synthesized %d experiments, %d wells, %d sites; clipped pixels: %.3f %% at 0, %.3f %% at 255",
-        len(screen.experiments), len(wells), len(metadata), 100 * clipped[0] / pixels, 100 * clipped[1] / pixels,
+        len(screen.experiments), len(wells), len(metadata), at_0, at_255,
     )  # fmt: skip
 
 
