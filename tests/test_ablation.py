@@ -325,6 +325,19 @@ def test_calibrated_design_is_the_ladder_with_two_pseudo_rounds_and_an_equivalen
     assert len(study["steps"]) == 12 and ["pseudo_soft", "pseudo_soft_r2"] in study["steps"]
 
 
+def test_stress_designs_render_the_hard_screen_whatever_the_demos_screen():
+    """The hard screen's designs keep every noise knob at deepnoise.synth.DEFAULTS, though their
+    base config (the demo) is the calibrated screen."""
+    from deepnoise import synth
+
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert base["synthetic"]["nuisance_scale"] < 1  # the demo is the calibrated screen
+    for name in ("ablation.yaml", "ablation-large.yaml", "ablation-gpu.yaml"):
+        study = ablation.load_study(REPO / "config" / name)
+        knobs = synth.validate_config(ablation.run_config(base, study, "softmax_plate", 0)["synthetic"])
+        assert {k: knobs[k] for k in synth.DEFAULTS} == synth.DEFAULTS, name
+
+
 def test_unknown_key_stops_the_harness_naming_run_and_key():
     base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     study = {**STUDY, "runs": {"ok": {}, "bad": {"train.no_such_key": 1}}}
