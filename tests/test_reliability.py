@@ -7,6 +7,7 @@ working directory and check that no job started; the file cases call the CLI the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -422,6 +423,48 @@ def test_second_training_into_the_same_checkpoints_is_refused(tiny_screen, tmp_p
         ):
             tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})
     tf.train_tiny(tiny_screen, tmp_path / "m", {"epochs": 1})  # the lock went with its holder
+
+
+def test_the_lock_dies_with_the_trainer_whatever_its_loader_workers_do(tmp_path):
+    """kill -9 of a process holding the checkpoint lock frees the directory at once, while a forked
+    child (a DataLoader worker) of it still lives: the lock is the process's, not inherited."""
+    import signal
+    import subprocess
+    import time
+
+    ckpt_dir = tmp_path / "ckpt"
+    ready = tmp_path / "ready"
+    code = f"""
+import os, time
+from deepnoise import checkpoint
+with checkpoint.checkpoint_lock({str(ckpt_dir)!r}):
+    child = os.fork()
+    if child == 0:  # a loader worker: inherits the open lock file, lives on
+        time.sleep(60)
+        os._exit(0)
+    open({str(ready)!r}, "w").write(str(child))
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(300):
+            if ready.exists() and ready.read_text():
+                break
+            time.sleep(0.05)
+        child = int(ready.read_text())
+        with pytest.raises(InputError, match=f"in use by pid {proc.pid} on "):
+            with checkpoint.checkpoint_lock(ckpt_dir):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        os.kill(child, 0)  # the worker still lives
+        with checkpoint.checkpoint_lock(ckpt_dir):  # and the directory is free
+            pass
+    finally:
+        proc.kill()
+        if ready.exists() and ready.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(ready.read_text()), signal.SIGKILL)
 
 
 def test_corrupt_or_foreign_weights_are_named(tiny_screen, tiny_model, tmp_path, capsys):

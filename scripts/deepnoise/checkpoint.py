@@ -161,14 +161,20 @@ def remove(checkpoint_dir: str | os.PathLike) -> None:
             (Path(checkpoint_dir) / name).unlink()
 
 
+# checkpoint directories locked by this process (a POSIX lock does not conflict with its own process)
+_HELD: set[str] = set()
+
+
 @contextlib.contextmanager
 def checkpoint_lock(checkpoint_dir: str | os.PathLike):
     """Hold an exclusive lock on a checkpoint directory for the whole training run.
 
     A second training of the same model and round (a rerun started while an orphaned job still
-    runs) fails at once instead of interleaving its checkpoints with the first. The kernel drops the
-    lock when the process dies, whatever the signal, so a killed job never leaves a stale lock.
-    File systems without ``flock`` (some Lustre mounts) only get a warning.
+    runs, or a second lock in this process) fails at once instead of interleaving its checkpoints
+    with the first. The lock is a POSIX record lock (``lockf``): it belongs to this process alone,
+    so forked loader workers do not inherit it, and the kernel drops it the moment the process
+    dies, whatever the signal and whatever its workers still do. File systems without POSIX locks
+    only get a warning.
     """
     import fcntl
     import socket
@@ -176,10 +182,16 @@ def checkpoint_lock(checkpoint_dir: str | os.PathLike):
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
+    key = str(path.resolve())
+    if key in _HELD:
+        raise InputError(
+            f"{directory}: checkpoint directory in use by pid {os.getpid()} on {socket.gethostname()} "
+            "(this process); two trainings of the same model would overwrite each other's checkpoints"
+        )
     with open(path, "a+") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError) as exc:  # EAGAIN or EACCES: held elsewhere
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise InputError(
@@ -192,4 +204,8 @@ def checkpoint_lock(checkpoint_dir: str | os.PathLike):
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
