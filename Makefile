@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SHELL       := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: setup demo test test-fast lint format dryrun plan why dag dag-rxrx1 rulegraph report bench ablation clean
+.PHONY: setup demo test test-fast lint format dryrun plan why dag dag-rxrx1 rulegraph report bench ablation profile clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" || { echo "need CPython 3.11 (the pinned torch 2.14.1 wheels); set PYTHON=..."; exit 1; }
@@ -59,6 +59,14 @@ GPUS   ?= 8
 DEVICE ?= NVIDIA H100 80GB HBM3
 plan: setup
 	deepnoise plan --configfile $(CONFIG) --gpus $(GPUS) --device "$(DEVICE)"
+
+## profile: install profiles/slurm where `snakemake --profile slurm` finds it (~/.config/snakemake/slurm),
+## with the site's PARTITION, ACCOUNT, GPU_PARTITION and GPU_MODEL (each optional); FORCE=1 replaces one.
+PROFILE_OPTS = $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+	$(if $(GPU_PARTITION),--gpu-partition $(GPU_PARTITION)) $(if $(GPU_MODEL),--gpu-model $(GPU_MODEL)) \
+	$(if $(FORCE),--force)
+profile: setup
+	deepnoise install-profile $(PROFILE_OPTS)
 
 ## why: the config keys (old -> new) behind each job that a rerun of CONFIG would run
 why: setup

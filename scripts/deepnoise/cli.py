@@ -37,6 +37,7 @@ SUBCOMMAND_MODULES = {
     "dag-html": "dag",
     "dag-rules": "dag",
     "dag-slice": "dag",
+    "install-profile": "profile",
 }
 
 
