@@ -119,6 +119,8 @@ def test_timm_registry_read_from_source_equals_timm():
     assert configcheck.backbone_problem("resnet18.a1_in1k", "k") is None  # a pretrained tag
     assert configcheck.backbone_problem("xception_wide", "k") is None
     assert "did you mean" in configcheck.backbone_problem("legacy_xceptoin", "models.a.backbone")
+    # the alias users type: the recipe's legacy_xception and our wide one come first
+    assert "(did you mean legacy_xception, xception_wide, " in configcheck.backbone_problem("xception", "k")
 
 
 # ------------------------------------------------------------------------------------------------

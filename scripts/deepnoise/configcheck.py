@@ -21,6 +21,7 @@ importing timm, which imports torch and would add seconds to every ``snakemake``
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import importlib.util
@@ -145,6 +146,17 @@ def timm_models() -> frozenset[str]:
     return frozenset(names)
 
 
+def backbone_hint(base: str, known: frozenset[str]) -> str:
+    """`` (did you mean ...?)`` for a backbone name: first the models that are the name with a
+    prefix or suffix (``xception`` -> ``legacy_xception``, the recipe's, and ``xception_wide``),
+    then close spellings; up to 4."""
+    names = sorted({*known, *OWN_BACKBONES})
+    affixed = [k for k in names if k.endswith(f"_{base}")] + [k for k in names if k.startswith(f"{base}_")]
+    close = difflib.get_close_matches(base, names, n=4, cutoff=0.6)
+    near = list(dict.fromkeys([*affixed, *close]))[:4]
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
 def backbone_problem(name: Any, key: str) -> str | None:
     """Why ``name`` is not a backbone deepnoise can build (None when it is)."""
     if not isinstance(name, str):
@@ -161,7 +173,7 @@ def backbone_problem(name: Any, key: str) -> str | None:
         version = "?"
     return (
         f"config {key}: {name!r} is not a timm {version} model nor one of {', '.join(OWN_BACKBONES)}"
-        f"{did_you_mean(base, [*known, *OWN_BACKBONES])}; list them with "
+        f"{backbone_hint(base, known)}; list them with "
         f"python -c \"import timm; print(timm.list_models('*xception*'))\""
     )
 
