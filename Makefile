@@ -108,10 +108,11 @@ bench: setup
 	deepnoise bench train --synthetic --backbone resnet10t --input-size 64 --batch-size 32 --num-workers 1 --threads 1
 	python -m benchmarks.bench_dag
 
-## ablation: the paper's ladder, 5 seeds (each a new screen), paired differences + Holm (docs/ablation.md);
-## results/ablation/table.md. ABLATION=config/ablation-gpu.yaml for the device design,
-## ABLATION=config/ablation-large.yaml for the pilot-sized CPU design (~4 h of 2 cores).
-ABLATION ?= config/ablation.yaml
+## ablation: the paper's ladder on the calibrated screen, 5 seeds (each a new screen), paired differences
+## + Holm (docs/ablation.md); results/ablation-calibrated/table.md (~90 min of 2 cores). The hard screen
+## (stress preset): ABLATION=config/ablation-large.yaml (~4 h of 2 cores) or config/ablation.yaml;
+## ABLATION=config/ablation-gpu.yaml for the device design.
+ABLATION ?= config/ablation-calibrated.yaml
 ablation: setup
 	python -m benchmarks.ablation --config $(ABLATION)
 

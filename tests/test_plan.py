@@ -91,6 +91,46 @@ def test_rxrx1_job_counts_equal_the_dry_run(tmp_path):
     assert plan.runtime_minutes(longest, 1.5, 1) * 60 >= longest * 1.5
 
 
+def test_gpus_per_training_job_shorten_the_forecast_and_the_slurm_limits(tmp_path):
+    """gpus.train: N gives each train/finetune job N devices: its forecast is the work / (N x DDP
+    efficiency) + start-up, the rule's Slurm time limit (the dry run's `runtime=`) follows, the
+    wall time falls, the critical path is printed with what doubling the GPUs would give."""
+    data = tmp_path / "rxrx1"
+    data.mkdir()
+    metadata(51).to_csv(data / "metadata.csv", index=False)
+    runs = {}
+    for g in (1, 4):
+        cfg = yaml.safe_load((REPO / "config/rxrx1.yaml").read_text())
+        cfg["data"]["root"] = str(data)
+        cfg["gpus"] = {"train": g}
+        wd = tmp_path / f"g{g}"
+        wd.mkdir()
+        jobs, facts, text = plan.dry_run(str(write_config(wd, cfg)), SNAKEFILE, str(wd))
+        screen = plan.screen_from_facts(facts)
+        out, costs = plan.forecast(jobs, screen, plan.read_table(), plan.DEFAULT_DEVICE, 8)
+        limits = [
+            int(m)
+            for m in re.findall(r"^rule train:\n(?:    .*\n)*?    resources: .*runtime=(\d+)", text, re.M)
+        ]
+        runs[g] = screen, out, costs, limits
+    (s1, out1, c1, lim1), (s4, out4, c4, lim4) = runs[1], runs[4]
+    assert (s1.gpus_train, s4.gpus_train) == (1, 4)
+    t1 = max((c for c in c1 if c.rule == "train"), key=lambda c: c.seconds)
+    t4 = next(c for c in c4 if c.rule == "train" and c.wildcards == t1.wildcards)
+    start = t1.rate.startup_s
+    assert t4.gpus == 4 and t4.seconds - start == pytest.approx(
+        (t1.seconds - start) / (4 * plan.DDP_EFFICIENCY)
+    )
+    assert out4["train"].wall_s < out1["train"].wall_s / 2
+    assert lim1 and lim4 and max(lim4) < max(lim1) / 2  # the Slurm time limits come from the same figures
+    assert max(lim1) == plan.runtime_minutes(t1.seconds, 1.5, 1)
+    assert plan.critical_path_s(c4) < plan.critical_path_s(c1) / 2
+    assert "gpus.train: 4 -> 8 GPUs per training job" in plan.shortening(
+        [j for j in plan.dry_run(str(tmp_path / "g4" / "config.yaml"), SNAKEFILE, str(tmp_path / "g4"))[0]],
+        s4, plan.read_table(), plan.DEFAULT_DEVICE, 8,
+    )  # fmt: skip
+
+
 def test_lookup_exact_and_extrapolated():
     table = plan.read_table()
     exact = plan.lookup(table, plan.DEFAULT_DEVICE, "legacy_xception", 512, True)

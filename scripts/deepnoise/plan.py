@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import heapq
 import json
 import math
@@ -155,6 +156,7 @@ class Screen:
     wells: dict[str, tuple[int, int]] = field(default_factory=dict)  # experiment -> (all, treatment)
     sites_per_well: int = 2
     tta_views: int = layout.TTA_VIEWS  # views per site at prediction (config predict.tta: 8, else 1)
+    gpus_train: int = 1  # GPUs per train / finetune job (config gpus.train; DDP inside the job)
 
 
 def well_counts(source: str, root: str, synthetic: dict, experiments) -> tuple[dict, int]:
@@ -201,8 +203,13 @@ class JobCost:
     wildcards: dict
     train_images: int = 0  # through a training step (labelled + unlabelled)
     forward_images: int = 0  # forward passes only (prediction views, validation)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall seconds of the job
     rate: Rate | None = None
+    gpus: int = 1  # devices the job holds
+
+    @property
+    def device_seconds(self) -> float:
+        return self.seconds * self.gpus
 
     @property
     def images(self) -> int:
@@ -244,6 +251,16 @@ def training_images(screen: Screen, hp: dict, scope: str, round_: int) -> tuple[
     return epochs * steps * per_step, epochs * 2 * n_val * screen.sites_per_well
 
 
+# Speed-up of a training job on g GPUs (DDP, one process per GPU, the batch per process unchanged):
+# g x DDP_EFFICIENCY for g >= 2. Stated, not measured: no multi-GPU device was lent to this project
+# (the lent machine has one H200); replace it by a measured value when one is.
+DDP_EFFICIENCY = 0.9
+
+
+def ddp_speedup(gpus: int) -> float:
+    return 1.0 if gpus <= 1 else gpus * DDP_EFFICIENCY
+
+
 def job_cost(screen: Screen, table: list[dict], device: str, rule: str, wildcards: dict) -> JobCost:
     model, round_ = wildcards["model"], int(wildcards["round"])
     scope = wildcards.get("cell_type", "all")
@@ -265,11 +282,9 @@ def job_cost(screen: Screen, table: list[dict], device: str, rule: str, wildcard
     step = lookup(table, device, backbone, size, mean_teacher)
     fwd = lookup(table, device, backbone, size, False)
     job.rate = step
-    job.seconds = (
-        step.startup_s
-        + job.train_images / step.images_per_s
-        + job.forward_images / (FORWARD_SPEEDUP * fwd.images_per_s)
-    )
+    job.gpus = screen.gpus_train if rule in ("train", "finetune") else 1
+    work = job.train_images / step.images_per_s + job.forward_images / (FORWARD_SPEEDUP * fwd.images_per_s)
+    job.seconds = step.startup_s + work / ddp_speedup(job.gpus)
     return job
 
 
@@ -339,6 +354,7 @@ def screen_from_facts(facts: dict) -> Screen:
         hparams=facts["hparams"],
         finetune_hparams=facts["finetune_hparams"],
         tta_views=layout.TTA_VIEWS if facts["config"]["predict"]["tta"] else 1,
+        gpus_train=int((facts["config"].get("gpus") or {}).get("train", 1)),
     )
     screen.wells, screen.sites_per_well = well_counts(
         facts["source"], facts["root"], facts["synthetic"], list(screen.experiments)
@@ -355,6 +371,7 @@ class RuleForecast:
     seconds: float = 0.0
     longest_s: float = 0.0
     wall_s: float = 0.0
+    gpus: int = 1  # devices per job
     notes: set = field(default_factory=set)
 
 
@@ -368,9 +385,10 @@ def makespan(durations: list[float], n: int) -> float:
 
 def forecast(jobs: list[PlannedJob], screen: Screen, table: list[dict], device: str, n_gpus: int):
     """Per rule: jobs, images, device-hours, the longest job and the wall time on n devices (the
-    rounds and stages one after another, the jobs of one stage of a round side by side)."""
+    rounds and stages one after another, the jobs of one stage of a round side by side, a job on
+    g devices taking g of them)."""
     out: dict[str, RuleForecast] = {}
-    stage: dict[tuple[str, str], list[float]] = defaultdict(list)
+    stage: dict[tuple[str, str], list[JobCost]] = defaultdict(list)
     costs = []
     for j in jobs:
         f = out.setdefault(j.rule, RuleForecast(j.rule))
@@ -379,13 +397,26 @@ def forecast(jobs: list[PlannedJob], screen: Screen, table: list[dict], device: 
             c = job_cost(screen, table, device, j.rule, j.wc)
             costs.append(c)
             f.images += c.images
-            f.seconds += c.seconds
+            f.seconds += c.device_seconds
             f.longest_s = max(f.longest_s, c.seconds)
+            f.gpus = c.gpus
             f.notes.add((c.rate.row, c.rate.extrapolated))
-            stage[(j.rule, j.wc["round"])].append(c.seconds)
-    for (rule, _), durations in stage.items():
-        out[rule].wall_s += makespan(durations, n_gpus)
+            stage[(j.rule, j.wc["round"])].append(c)
+    for (rule, _), cs in stage.items():
+        slots = max(1, n_gpus // max(c.gpus for c in cs))
+        out[rule].wall_s += makespan([c.seconds for c in cs], slots)
     return out, costs
+
+
+def critical_path_s(costs: list[JobCost]) -> float:
+    """The run's critical path: per round its longest train, finetune and predict job one after
+    another (a stage cannot start before the longest job of the one before ends); no number of
+    devices makes the run shorter than this."""
+    longest: dict[tuple[str, str], float] = defaultdict(float)
+    for c in costs:
+        key = (c.rule, c.wildcards["round"])
+        longest[key] = max(longest[key], c.seconds)
+    return sum(longest.values())
 
 
 def _hours(s: float) -> str:
@@ -398,8 +429,8 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
     lines = [
         f"Forecast on {device}, {n_gpus} device(s) ({sum(f.jobs for f in out.values())} jobs planned)",
         "",
-        f"{'rule':<18} {'jobs':>5} {'images':>14} {unit + '-h':>9} {'wall h':>8} {'longest job h':>14}"
-        f" {'limit (min)':>11}",
+        f"{'rule':<18} {'jobs':>5} {unit + 's/job':>8} {'images':>14} {unit + '-h':>9} {'wall h':>8}"
+        f" {'longest job h':>14} {'limit (min)':>11}",
     ]
     for rule in sorted(
         out, key=lambda r: (r not in GPU_RULES, GPU_RULES.index(r) if r in GPU_RULES else 0, r)
@@ -407,8 +438,9 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
         f = out[rule]
         if rule in GPU_RULES:
             lines.append(
-                f"{rule:<18} {f.jobs:>5} {f.images:>14,} {_hours(f.seconds):>9} {_hours(f.wall_s):>8}"
-                f" {_hours(f.longest_s):>14} {runtime_minutes(f.longest_s, margin, 1):>11}"
+                f"{rule:<18} {f.jobs:>5} {f.gpus:>8} {f.images:>14,} {_hours(f.seconds):>9}"
+                f" {_hours(f.wall_s):>8} {_hours(f.longest_s):>14}"
+                f" {runtime_minutes(f.longest_s, margin, 1):>11}"
             )
         else:
             lines.append(f"{rule:<18} {f.jobs:>5} {'(CPU)':>14}")
@@ -433,6 +465,27 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
     return "\n".join(lines)
 
 
+def shortening(jobs: list[PlannedJob], screen: Screen, table: list[dict], device: str, n_gpus: int) -> str:
+    """The critical path, and what shortens the run: more GPUs per training job (``gpus.train``
+    doubled), with the wall time and critical path that forecast gives."""
+    out, costs = forecast(jobs, screen, table, device, n_gpus)
+    now = critical_path_s(costs)
+    wall = sum(f.wall_s for f in out.values())
+    g = screen.gpus_train
+    more = dataclasses.replace(screen, gpus_train=2 * g)
+    out2, costs2 = forecast(jobs, more, table, device, n_gpus)
+    lines = [
+        f"critical path: {_hours(now)} h (per round the longest train, finetune and predict job one"
+        f" after another); the {_hours(wall)} h wall on {n_gpus} device(s) cannot go below it with"
+        " more devices.",
+        f"gpus.train: {g} -> {2 * g} GPUs per training job:"
+        f" critical path {_hours(critical_path_s(costs2))} h,"
+        f" wall {_hours(sum(f.wall_s for f in out2.values()))} h on {n_gpus} device(s)"
+        f" (DDP speed-up {DDP_EFFICIENCY:g} x GPUs, stated, not measured).",
+    ]
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace) -> int:
     table = read_table(args.table)
     extra = ["--forceall"] if args.all else []
@@ -440,6 +493,8 @@ def _run(args: argparse.Namespace) -> int:
     screen = screen_from_facts(facts)
     out, _ = forecast(jobs, screen, table, args.device, args.gpus)
     print(format_forecast(out, args.device, args.gpus, args.margin))
+    if args.device != "cpu":
+        print(shortening(jobs, screen, table, args.device, args.gpus))
     if args.json:
         from deepnoise.atomic import write_text
 
