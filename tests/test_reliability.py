@@ -461,15 +461,17 @@ with checkpoint.checkpoint_lock({str(ckpt_dir)!r}):
     if child == 0:  # a loader worker: inherits the open lock file, lives on
         time.sleep(60)
         os._exit(0)
-    open({str(ready)!r}, "w").write(str(child))
+    open({str(ready) + ".tmp"!r}, "w").write(str(child))
+    os.replace({str(ready) + ".tmp"!r}, {str(ready)!r})
     time.sleep(60)
 """
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        for _ in range(300):
-            if ready.exists() and ready.read_text():
-                break
+        deadline = time.monotonic() + 300  # importing torch takes long on a loaded machine
+        while not (ready.exists() and ready.read_text()) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the lock holder did not start"
             time.sleep(0.05)
+        assert proc.poll() is None, f"the lock holder died: {proc.returncode}"
         child = int(ready.read_text())
         with pytest.raises(InputError, match=f"in use by pid {proc.pid} on "):
             with checkpoint.checkpoint_lock(ckpt_dir):
