@@ -1,7 +1,8 @@
 """Ablation of the DeepNoise recipe on the synthetic screen: the paper's ladder, paired over seeds.
 
 The design (arms, paper values, statistics, verdict rule) is fixed in docs/ablation.md; the arms and
-the screen's size in config/ablation.yaml (CPU) or config/ablation-gpu.yaml (device).
+the screen's size in config/ablation-calibrated.yaml (CPU, the default), config/ablation.yaml and
+-large.yaml (the hard screen) or config/ablation-gpu.yaml (device).
 
 1. Seed ``s`` (0..N-1) is one replicate: ``synthetic.seed`` = base + s (a different screen) and every
    training seed shifted by ``s * seed_stride``. Its data stage (synthesize -> sites -> stacks ->
@@ -22,7 +23,8 @@ Every run config is checked (``deepnoise.configcheck``) before anything trains: 
 the harness with the key and the run named. Finished runs are reused (only what is missing runs);
 ``--fresh`` starts over; ``--table-only`` rebuilds the tables from finished runs.
 
-    python -m benchmarks.ablation [--config config/ablation.yaml] [--seeds N] [--cores 2] [--parallel 2]
+    python -m benchmarks.ablation [--config config/ablation-calibrated.yaml] [--seeds N]
+        [--cores 2] [--parallel 2]
     python -m benchmarks.ablation --table-only
 """
 
@@ -50,7 +52,7 @@ from scipy import stats
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-DEFAULT_CONFIG = REPO / "config" / "ablation.yaml"
+DEFAULT_CONFIG = REPO / "config" / "ablation-calibrated.yaml"  # make ablation
 DEFAULT_OUT = REPO / "results" / "ablation"
 
 # sections every run of a seed shares (the screen and the split): set by `screen`, never by a run

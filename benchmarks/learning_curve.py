@@ -101,7 +101,9 @@ def read_curve(log: Path) -> pd.DataFrame:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "config" / "ablation.yaml"), help="ablation design")
+    ap.add_argument(
+        "--config", default=str(REPO / "config" / "ablation-calibrated.yaml"), help="ablation design"
+    )
     ap.add_argument("--run", default="softmax_plate", help="the arm whose curve is measured (one model)")
     ap.add_argument("--seed", type=int, default=99, help="pilot replicate (outside the design's seeds)")
     ap.add_argument("--epochs", type=int, default=40)
