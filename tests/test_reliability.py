@@ -26,7 +26,6 @@ from deepnoise import weights as weights_file
 from deepnoise.ensemble import load_predictions, save_predictions
 from deepnoise.errors import InputError
 from tests.fixtures import train as tf
-from tests.fixtures.data import write_rxrx1
 from tests.fixtures.rxrx1 import metadata as rxrx1_metadata
 from tests.fixtures.workflow import REPO, load_tiny, snakemake, write_config
 
@@ -126,22 +125,6 @@ def test_timm_registry_read_from_source_equals_timm():
 
 # ------------------------------------------------------------------------------------------------
 # Safety: metadata values cannot reach a shell; checkpoints load without unpickling code
-
-
-def test_a_refused_input_is_named_on_the_console_not_only_in_the_log(tmp_path):
-    """A job that refuses its input (here `sites`: a plate the metadata lacks) fails with its
-    refusal line on snakemake's console (profiles/default: show-failed-logs), not only in logs/."""
-    root = write_rxrx1(tmp_path / "rxrx1")
-    cfg = load_tiny(**{"data.source": "rxrx1", "data.root": str(root), "split.validation_per_cell_type": 0})
-    configfile = write_config(tmp_path, cfg)
-    proc = snakemake(
-        tmp_path, "results/sites.csv", "--cores", "1", "--configfile", str(configfile), check=False
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    line = (tmp_path / "logs" / "sites.log").read_text().strip().splitlines()[-1]
-    assert line.startswith("deepnoise sites: error: ") and str(root / "metadata.csv") in line
-    assert line in text, text[-3000:]
 
 
 def test_metadata_with_shell_syntax_is_rejected_at_parse_time(tmp_path):
