@@ -112,8 +112,8 @@ def test_gpus_per_training_job_shorten_the_forecast_and_the_slurm_limits(tmp_pat
             int(m)
             for m in re.findall(r"^rule train:\n(?:    .*\n)*?    resources: .*runtime=(\d+)", text, re.M)
         ]
-        runs[g] = screen, out, costs, limits
-    (s1, out1, c1, lim1), (s4, out4, c4, lim4) = runs[1], runs[4]
+        runs[g] = screen, out, costs, limits, jobs
+    (s1, out1, c1, lim1, _), (s4, out4, c4, lim4, jobs4) = runs[1], runs[4]
     assert (s1.gpus_train, s4.gpus_train) == (1, 4)
     t1 = max((c for c in c1 if c.rule == "train"), key=lambda c: c.seconds)
     t4 = next(c for c in c4 if c.rule == "train" and c.wildcards == t1.wildcards)
@@ -125,10 +125,8 @@ def test_gpus_per_training_job_shorten_the_forecast_and_the_slurm_limits(tmp_pat
     assert lim1 and lim4 and max(lim4) < max(lim1) / 2  # the Slurm time limits come from the same figures
     assert max(lim1) == plan.runtime_minutes(t1.seconds, 1.5, 1)
     assert plan.critical_path_s(c4) < plan.critical_path_s(c1) / 2
-    assert "gpus.train: 4 -> 8 GPUs per training job" in plan.shortening(
-        [j for j in plan.dry_run(str(tmp_path / "g4" / "config.yaml"), SNAKEFILE, str(tmp_path / "g4"))[0]],
-        s4, plan.read_table(), plan.DEFAULT_DEVICE, 8,
-    )  # fmt: skip
+    text = plan.shortening(out4, c4, jobs4, s4, plan.read_table(), plan.DEFAULT_DEVICE, 8)
+    assert "gpus.train: 4 -> 8 GPUs per training job" in text
 
 
 def test_lookup_exact_and_extrapolated():

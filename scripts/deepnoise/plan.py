@@ -465,10 +465,18 @@ def format_forecast(out: dict[str, RuleForecast], device: str, n_gpus: int, marg
     return "\n".join(lines)
 
 
-def shortening(jobs: list[PlannedJob], screen: Screen, table: list[dict], device: str, n_gpus: int) -> str:
-    """The critical path, and what shortens the run: more GPUs per training job (``gpus.train``
-    doubled), with the wall time and critical path that forecast gives."""
-    out, costs = forecast(jobs, screen, table, device, n_gpus)
+def shortening(
+    out: dict[str, RuleForecast],
+    costs: list[JobCost],
+    jobs: list[PlannedJob],
+    screen: Screen,
+    table: list[dict],
+    device: str,
+    n_gpus: int,
+) -> str:
+    """The critical path of a forecast (``out``, ``costs`` of ``forecast(jobs, screen, ...)``), and
+    what shortens the run: more GPUs per training job (``gpus.train`` doubled), with the wall time
+    and critical path that forecast gives."""
     now = critical_path_s(costs)
     wall = sum(f.wall_s for f in out.values())
     g = screen.gpus_train
@@ -491,10 +499,10 @@ def _run(args: argparse.Namespace) -> int:
     extra = ["--forceall"] if args.all else []
     jobs, facts, _ = dry_run(args.configfile, args.snakefile, args.directory, extra)
     screen = screen_from_facts(facts)
-    out, _ = forecast(jobs, screen, table, args.device, args.gpus)
+    out, costs = forecast(jobs, screen, table, args.device, args.gpus)
     print(format_forecast(out, args.device, args.gpus, args.margin))
     if args.device != "cpu":
-        print(shortening(jobs, screen, table, args.device, args.gpus))
+        print(shortening(out, costs, jobs, screen, table, args.device, args.gpus))
     if args.json:
         from deepnoise.atomic import write_text
 
